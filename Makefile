@@ -1,0 +1,46 @@
+# `make run` and `make test` install what they need into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch first and pinned: pip takes it from the machine's local wheel store instead of
+# downloading several GB (see README, "Development").
+TORCH := torch==2.14.1 torchvision==0.29.1
+APT_PACKAGES := tesseract-ocr tesseract-ocr-kor tesseract-ocr-eng fonts-nanum
+
+.PHONY: install system-deps run test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[ml,dev]"
+	touch $(STAMP)
+
+# Tesseract with Korean data and a Korean font. Installed with apt-get when we are root on a
+# Debian-like machine; otherwise we say what is missing and carry on (the stages that need
+# them report a clear error).
+system-deps:
+	@if command -v tesseract >/dev/null 2>&1 && tesseract --list-langs 2>/dev/null | grep -qx kor \
+	    && ls /usr/share/fonts/truetype/nanum/NanumGothic.ttf >/dev/null 2>&1; then \
+	  true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing $(APT_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	else \
+	  echo "note: please install $(APT_PACKAGES) (sudo apt-get install ...); OCR and Korean text need them"; \
+	fi
+
+run: install system-deps
+	$(PY) cli.py demo
+
+test: install system-deps
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/engine_throughput.py
+
+clean:
+	rm -rf $(VENV) .adflow

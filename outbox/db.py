@@ -1,0 +1,79 @@
+"""Connections: the URL in force (configured or embedded), psycopg connections and pools, and
+the SQLAlchemy engine URL for Alembic."""
+from __future__ import annotations
+
+import atexit
+import socket
+
+import psycopg
+from psycopg.rows import dict_row
+
+from outbox import config
+
+# TCP keepalives on every connection: a half-open connection (peer gone without a FIN) is noticed
+# within idle + interval * count = 10 + 5 * 3 = 25 s instead of the kernel's two hours.
+KEEPALIVE_KWARGS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+
+_embedded = None
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database cannot be reached; the message says which one and why."""
+
+
+class NotMigrated(RuntimeError):
+    """The database is reachable but has not been migrated (run `cli.py db upgrade`)."""
+
+
+def resolve_url(start_embedded: bool = True) -> str:
+    """The configured database, or the embedded PostgreSQL under ADFLOW_HOME (started if needed,
+    as a child that stops with this process)."""
+    url = config.database_url()
+    if url:
+        return url
+    if not start_embedded:
+        raise config.ConfigError("no DATABASE_URL or DB_HOST set")
+    global _embedded
+    if _embedded is None:
+        from outbox.embedded import EmbeddedPostgres
+
+        _embedded = EmbeddedPostgres(config.home_dir() / "pgdata")
+        _embedded.start()
+        atexit.register(_embedded.stop)
+    return _embedded.url
+
+
+def sqlalchemy_url(url: str | None = None) -> str:
+    url = url or resolve_url()
+    return "postgresql+psycopg://" + url[len("postgresql://"):]
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def connect(url: str, autocommit: bool = True, **kwargs) -> psycopg.Connection:
+    try:
+        return psycopg.connect(url, autocommit=autocommit, row_factory=dict_row,
+                               connect_timeout=10, **KEEPALIVE_KWARGS, **kwargs)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {safe_url(url)}: {str(exc).strip()}") from exc
+
+
+async def connect_async(url: str, autocommit: bool = True) -> psycopg.AsyncConnection:
+    return await psycopg.AsyncConnection.connect(url, autocommit=autocommit, row_factory=dict_row,
+                                                 connect_timeout=10, **KEEPALIVE_KWARGS)
+
+
+def check_migrated(conn: psycopg.Connection) -> None:
+    row = conn.execute("SELECT to_regclass('stage_tasks') IS NOT NULL AS ok").fetchone()
+    if not row["ok"]:
+        raise NotMigrated("the database has no pipeline schema: run `cli.py db upgrade` first")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

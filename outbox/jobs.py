@@ -1,0 +1,175 @@
+"""Job submission and status queries."""
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from psycopg import Connection
+from psycopg.types.json import Jsonb
+
+from outbox.artifacts import ArtifactStore, asset_key
+
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+MAX_COPY_CHARS = 2000
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+
+
+class InvalidInput(ValueError):
+    """Input refused at the edge, before anything is written."""
+
+
+class NotFound(LookupError):
+    pass
+
+
+def validate_tenant(tenant: str) -> str:
+    if not TENANT_PATTERN.match(tenant or ""):
+        raise InvalidInput(f"invalid tenant id {tenant!r}: 1-255 characters of letters, digits, '.', '_' or '-', "
+                           "starting with a letter or digit")
+    return tenant
+
+
+def validate_text(text: str, what: str, max_chars: int = MAX_COPY_CHARS) -> str:
+    if "\x00" in text:
+        raise InvalidInput(f"{what} contains a NUL byte, which PostgreSQL text cannot hold")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} is not valid UTF-8") from None
+    if not text.strip():
+        raise InvalidInput(f"{what} is empty")
+    if len(text) > max_chars:
+        raise InvalidInput(f"{what} is {len(text)} characters; the limit is {max_chars}")
+    return text
+
+
+def validate_uuid(value: str, what: str = "id") -> str:
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise InvalidInput(f"{what} {value!r} is not a UUID") from None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    variant_ids: list[str]
+    asset_ids: list[str]
+
+
+def submit_job(conn: Connection, store: ArtifactStore, images: list[Path], ad_copy: str, tenant: str = "default",
+               variants: int | None = None, extra: dict | None = None) -> Submitted:
+    """Stores the images, then in one transaction writes image_assets, jobs, job_inputs and one
+    variant per image (or `variants`, cycling through the images) at (img_gen, done): the
+    triggers take it from there."""
+    validate_tenant(tenant)
+    validate_text(ad_copy, "ad copy")
+    if not images:
+        raise InvalidInput("give at least one image")
+    count = variants if variants is not None else len(images)
+    if count < 1:
+        raise InvalidInput("a job needs at least one variant")
+    blobs = []
+    for path in images:
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidInput(f"image file not found: {path}")
+        size = path.stat().st_size
+        if size == 0:
+            raise InvalidInput(f"image file is empty: {path}")
+        if size > MAX_IMAGE_BYTES:
+            raise InvalidInput(f"image file {path} is {size} bytes; the limit is {MAX_IMAGE_BYTES}")
+        blobs.append((path, path.read_bytes()))
+    asset_ids, keys = [], []
+    for path, data in blobs:
+        asset_id = str(uuid.uuid4())
+        key = asset_key(tenant, asset_id, path.name)
+        store.put(key, data)
+        asset_ids.append(asset_id)
+        keys.append(key)
+    job_id = str(uuid.uuid4())
+    variant_ids = [str(uuid.uuid4()) for _ in range(count)]
+    with conn.transaction():
+        for (path, data), asset_id, key in zip(blobs, asset_ids, keys):
+            conn.execute(
+                "INSERT INTO image_assets (image_asset_id, tenant_id, uri, mime_type, byte_size, sha256) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (asset_id, tenant, key, mimetypes.guess_type(path.name)[0], len(data), hashlib.sha256(data).hexdigest()))
+        conn.execute("INSERT INTO jobs (job_id, tenant_id, status, current_step) VALUES (%s, %s, 'running', 'img_gen')",
+                     (job_id, tenant))
+        conn.execute("INSERT INTO job_inputs (job_id, ad_copy, extra) VALUES (%s, %s, %s)",
+                     (job_id, ad_copy, Jsonb(extra or {})))
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO jobs_variants (job_variants_id, job_id, img_asset_id, creation_order, status, current_step) "
+                "VALUES (%s, %s, %s, %s, 'done', 'img_gen')",
+                [(vid, job_id, asset_ids[i % len(asset_ids)], i + 1) for i, vid in enumerate(variant_ids)])
+    return Submitted(job_id, variant_ids, asset_ids)
+
+
+def job_detail(conn: Connection, job_id: str) -> dict:
+    job_id = validate_uuid(job_id, "job id")
+    job = conn.execute("SELECT job_id::text, tenant_id, status, current_step, created_at, updated_at "
+                       "FROM jobs WHERE job_id = %s", (job_id,)).fetchone()
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    job["variants"] = conn.execute(
+        "SELECT job_variants_id::text AS variant_id, creation_order, status, current_step, selected, updated_at "
+        "FROM jobs_variants WHERE job_id = %s ORDER BY creation_order", (job_id,)).fetchall()
+    job["tasks"] = conn.execute(
+        "SELECT t.id, t.job_variants_id::text AS variant_id, t.stage, t.status, t.attempts, t.max_attempts, "
+        "t.last_error, t.created_at, t.started_at, t.finished_at, t.run_after "
+        "FROM stage_tasks t JOIN stage_graph g ON g.stage = t.stage "
+        "WHERE t.job_id = %s ORDER BY g.position, t.job_variants_id", (job_id,)).fetchall()
+    return job
+
+
+def overview(conn: Connection, failures: int = 20) -> dict:
+    jobs = conn.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status ORDER BY status").fetchall()
+    variants = conn.execute("SELECT status, count(*) AS n FROM jobs_variants GROUP BY status ORDER BY status").fetchall()
+    stages = conn.execute("""
+        SELECT g.stage, g.level, g.device,
+               count(t.id) FILTER (WHERE t.status = 'queued') AS queued,
+               count(t.id) FILTER (WHERE t.status = 'running') AS running,
+               count(t.id) FILTER (WHERE t.status = 'done') AS done,
+               count(t.id) FILTER (WHERE t.status = 'failed') AS failed,
+               count(t.id) FILTER (WHERE t.status = 'cancelled') AS cancelled,
+               extract(epoch FROM now() - min(t.run_after) FILTER (WHERE t.status = 'queued' AND t.run_after <= now()))
+                   AS oldest_queued_s
+        FROM stage_graph g LEFT JOIN stage_tasks t ON t.stage = g.stage
+        GROUP BY g.stage, g.level, g.device, g.position ORDER BY g.position""").fetchall()
+    recent_failures = conn.execute("""
+        SELECT t.id, t.job_id::text, t.job_variants_id::text AS variant_id, t.stage, t.attempts, t.finished_at,
+               t.last_error
+        FROM stage_tasks t WHERE t.status = 'failed' ORDER BY t.finished_at DESC NULLS LAST LIMIT %s""",
+                                   (failures,)).fetchall()
+    return {"jobs": jobs, "variants": variants, "stages": stages, "failures": recent_failures}
+
+
+def find_task(conn: Connection, subject_id: str, stage: str) -> dict:
+    """The task of `stage` for a variant id or a job id (for run-stage)."""
+    subject_id = validate_uuid(subject_id, "variant or job id")
+    graph = conn.execute("SELECT level, after_step FROM stage_graph WHERE stage = %s", (stage,)).fetchone()
+    if graph is None:
+        names = [r["stage"] for r in conn.execute("SELECT stage FROM stage_graph ORDER BY position")]
+        raise InvalidInput(f"unknown stage {stage!r}; stages are: {', '.join(names)}")
+    if graph["level"] == "variant":
+        owner = conn.execute("SELECT job_id::text FROM jobs_variants WHERE job_variants_id = %s", (subject_id,)).fetchone()
+        if owner is None:
+            raise NotFound(f"{stage} is a variant stage and there is no variant {subject_id}")
+        task = conn.execute("SELECT id, status FROM stage_tasks WHERE job_variants_id = %s AND stage = %s",
+                            (subject_id, stage)).fetchone()
+    else:
+        owner = conn.execute("SELECT job_id::text FROM jobs WHERE job_id = %s", (subject_id,)).fetchone()
+        if owner is None:
+            raise NotFound(f"{stage} is a job stage and there is no job {subject_id}")
+        task = conn.execute("SELECT id, status FROM stage_tasks WHERE job_id = %s AND job_variants_id IS NULL "
+                            "AND stage = %s", (subject_id, stage)).fetchone()
+    if task is None:
+        raise InvalidInput(f"{stage} is not enqueued for {subject_id}: its previous step "
+                           f"({graph['after_step']}) has not finished")
+    return task

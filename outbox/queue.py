@@ -1,0 +1,93 @@
+"""The outbox's operations as statements over the SQL functions of the migrations, plus the
+retry policy and replay. One statement per operation: round trips are what cost."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime
+
+from psycopg import Connection
+
+WORKER_CHANNEL = "outbox_stage_tasks"
+VARIANT_CHANNEL = "job_variant_state_changed"
+JOB_CHANNEL = "job_state_changed"
+
+CLAIM = "SELECT * FROM outbox_claim(%s, %s, %s, %s, %s)"
+COMPLETE_MANY = "SELECT outbox_complete_many(%s, %s) AS accepted"
+FAIL = "SELECT outbox_fail(%s, %s, %s, %s, %s, %s, %s) AS outcome"
+RESCUE_EXPIRED = "SELECT * FROM outbox_rescue_expired(%s)"
+NEXT_DEADLINE = "SELECT outbox_next_deadline(%s, %s) AS seconds"
+HEARTBEAT = "SELECT outbox_heartbeat(%s, %s, %s) AS id"
+HAND_BACK = "SELECT outbox_hand_back(%s, %s) AS id"
+GRAPH = "SELECT stage, level, after_step, device, max_attempts, timeout_s FROM stage_graph ORDER BY position"
+
+
+@dataclass(frozen=True)
+class ClaimedTask:
+    id: int
+    job_id: str
+    variant_id: str | None
+    stage: str
+    attempt: int
+    max_attempts: int
+    tenant_id: str
+
+    @classmethod
+    def from_row(cls, row: dict) -> "ClaimedTask":
+        return cls(id=row["id"], job_id=str(row["job_id"]),
+                   variant_id=str(row["job_variants_id"]) if row["job_variants_id"] else None,
+                   stage=row["stage"], attempt=row["attempt"], max_attempts=row["max_attempts"],
+                   tenant_id=row["tenant_id"])
+
+    @property
+    def subject(self) -> str:
+        return f"variant {self.variant_id}" if self.variant_id else f"job {self.job_id}"
+
+
+def retry_delay(attempt: int, base_s: float, cap_s: float) -> float:
+    """Exponential backoff with jitter: base * 2^(attempt-1), capped, then scaled by a random
+    factor in [0.5, 1] so retries of tasks that failed together spread out."""
+    ceiling = min(cap_s, base_s * (2 ** max(attempt - 1, 0)))
+    return ceiling * random.uniform(0.5, 1.0)
+
+
+def load_graph(conn: Connection) -> list[dict]:
+    return conn.execute(GRAPH).fetchall()
+
+
+def replay_failed(conn: Connection, job_id: str | None = None, stage: str | None = None,
+                  since: datetime | None = None, dry_run: bool = False, task_id: int | None = None) -> list[dict]:
+    """Puts failed tasks back in the queue with their attempts reset; their variant (or job) goes
+    back to (stage, queued) and a failed job to running. Cancelled jobs are never revived."""
+    select = """
+        SELECT t.id, t.job_id, t.job_variants_id, t.stage, t.attempts, t.last_error, t.finished_at
+        FROM stage_tasks t JOIN jobs j ON j.job_id = t.job_id
+        WHERE t.status = 'failed' AND j.status <> 'cancelled'
+          AND (%(job)s::uuid IS NULL OR t.job_id = %(job)s::uuid)
+          AND (%(stage)s::text IS NULL OR t.stage = %(stage)s::text)
+          AND (%(since)s::timestamptz IS NULL OR t.finished_at >= %(since)s::timestamptz)
+          AND (%(task)s::bigint IS NULL OR t.id = %(task)s::bigint)
+        ORDER BY t.id
+    """
+    params = {"job": job_id, "stage": stage, "since": since, "task": task_id}
+    if dry_run:
+        return conn.execute(select, params).fetchall()
+    with conn.transaction():
+        rows = conn.execute(select + " FOR UPDATE OF t", params).fetchall()
+        ids = [row["id"] for row in rows]
+        if not ids:
+            return rows
+        conn.execute("""
+            UPDATE stage_tasks SET status = 'queued', attempts = 0, run_after = now(),
+                   finished_at = NULL, lease_owner = NULL, lease_expires_at = NULL
+            WHERE id = ANY (%s)""", (ids,))
+        conn.execute("""
+            UPDATE jobs_variants v SET status = 'queued', current_step = t.stage
+            FROM stage_tasks t WHERE t.id = ANY (%s) AND v.job_variants_id = t.job_variants_id""", (ids,))
+        conn.execute("""
+            UPDATE jobs j SET status = CASE WHEN t.job_variants_id IS NULL THEN 'queued' ELSE 'running' END,
+                   current_step = CASE WHEN t.job_variants_id IS NULL THEN t.stage ELSE j.current_step END
+            FROM stage_tasks t
+            WHERE t.id = ANY (%s) AND j.job_id = t.job_id
+              AND (t.job_variants_id IS NULL OR j.status = 'failed')""", (ids,))
+    return rows

@@ -1,0 +1,109 @@
+"""`workers start`: the worker process command (also `cli.py workers start`)."""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from typing import Optional
+
+import typer
+
+from outbox import config, db
+from outbox.artifacts import open_store
+
+app = typer.Typer(help="Run pipeline workers.", no_args_is_help=True, add_completion=False)
+log = logging.getLogger("workers")
+DEFAULT_REGISTRY = "stages.registry:build_registry"
+
+
+def load_registry(spec: str, profile: str | None, device: str) -> dict:
+    """`module:function`: the function builds the stage registry for a model profile and device."""
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise typer.BadParameter(f"--registry {spec!r}: expected module:function")
+    factory = getattr(importlib.import_module(module_name), attr)
+    return factory(profile=profile, device=device)
+
+
+@app.callback()
+def main() -> None:
+    """Pipeline workers."""
+
+
+@app.command()
+def start(
+    processes: int = typer.Option(1, min=1, max=64, help="Worker processes under one supervisor."),
+    concurrency: int = typer.Option(8, min=1, max=256, help="Tasks in flight per process."),
+    stages: Optional[str] = typer.Option(None, help="Comma-separated stages to claim (default: all the registry has)."),
+    gpu: bool = typer.Option(False, "--gpu", help="Place GPU stages' models on CUDA (fails if CUDA is absent)."),
+    models: Optional[str] = typer.Option(None, help="Model profile: real or tiny (default MODEL_PROFILE, else real)."),
+    registry: str = typer.Option(os.environ.get("STAGE_REGISTRY", DEFAULT_REGISTRY),
+                                 help="module:function that builds the stage registry."),
+    lease: float = typer.Option(30.0, min=1.0, help="Lease seconds; heartbeats renew it every third."),
+    grace: float = typer.Option(30.0, min=0.0, help="Seconds to finish in-flight tasks after SIGTERM."),
+) -> None:
+    """Start worker process(es): LISTEN, claim with SKIP LOCKED, run stages, commit results."""
+    from workers.logs import setup_logging
+    from workers.worker import Worker, WorkerSettings, new_worker_id
+
+    worker_id = new_worker_id()
+    setup_logging(worker_id if processes == 1 else "supervisor")
+    try:
+        url = db.resolve_url()
+        listen_url = config.listen_database_url(url)
+        delay = config.reconnect_delay()
+        enabled = config.listener_enabled()
+    except (config.ConfigError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    if processes > 1:
+        from workers.supervisor import supervise
+
+        child = ["start", "--concurrency", str(concurrency), "--registry", registry, "--lease", str(lease),
+                 "--grace", str(grace), *(["--stages", stages] if stages else []), *(["--gpu"] if gpu else []),
+                 *(["--models", models] if models else [])]
+        env = {**os.environ, "DATABASE_URL": url}
+        raise typer.Exit(supervise(child, processes, env, grace))
+    if not enabled:
+        log.warning("[LISTENER] disabled by ENABLE_JOB_STATE_LISTENER=false: no automatic chaining; "
+                    "run stages by hand with `cli.py run-stage`")
+        import signal
+
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        return
+    device = "cuda" if gpu else "cpu"
+    try:
+        built = load_registry(registry, models, device)
+        if stage_list:
+            unknown = [s for s in stage_list if s not in built]
+            if unknown:
+                raise typer.BadParameter(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(built)}",
+                                         param_hint="--stages")
+        for name in stage_list or list(built):
+            if built[name].warm:
+                built[name].warm()
+    except typer.BadParameter:
+        raise
+    except Exception as exc:
+        log.error("cannot start: %s", exc)
+        raise typer.Exit(2)
+    settings = WorkerSettings(url=url, listen_url=listen_url, stages=stage_list, concurrency=concurrency,
+                              lease_s=lease, heartbeat_s=lease / 3, grace_s=grace, reconnect_delay_s=delay,
+                              worker_id=worker_id)
+    from workers.runner import TaskRunner
+
+    worker = Worker(settings, built, TaskRunner(open_store(), config.asset_root()))
+    try:
+        code = asyncio.run(worker.run())
+    except Exception as exc:
+        log.error("worker stopped: %s", exc)
+        code = 2
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # A stage thread stuck past the grace period must not keep the process alive.
+    os._exit(code)
+

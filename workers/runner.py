@@ -1,0 +1,120 @@
+"""Running claimed tasks: load their inputs (one query per batch), call the stage, store its
+artifacts, and hand back a JSON result to commit. The stage itself sees only plain data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from outbox.artifacts import ArtifactStore, artifact_key
+from outbox.queue import ClaimedTask
+from stages.contract import PermanentStageError, StageInput, StageOutput, StageSpec
+
+LOAD_INPUTS = """
+SELECT t.id AS task_id, ji.ad_copy, v.img_asset_id, ia.uri AS asset_uri, ia.tenant_id AS asset_tenant,
+       CASE WHEN t.job_variants_id IS NOT NULL THEN
+            (SELECT coalesce(jsonb_object_agg(r.stage, r.result), '{}'::jsonb)
+               FROM stage_results r WHERE r.job_variants_id = t.job_variants_id)
+       ELSE (SELECT coalesce(jsonb_object_agg(r.stage, r.result), '{}'::jsonb)
+               FROM stage_results r WHERE r.job_id = t.job_id AND r.job_variants_id IS NULL)
+       END AS results,
+       CASE WHEN t.job_variants_id IS NULL THEN
+            (SELECT coalesce(jsonb_object_agg(vv.job_variants_id::text, jsonb_build_object(
+                        'status', vv.status, 'current_step', vv.current_step,
+                        'creation_order', vv.creation_order,
+                        'results', (SELECT coalesce(jsonb_object_agg(r.stage, r.result), '{}'::jsonb)
+                                      FROM stage_results r WHERE r.job_variants_id = vv.job_variants_id))),
+                    '{}'::jsonb)
+               FROM jobs_variants vv WHERE vv.job_id = t.job_id)
+       END AS variants
+FROM stage_tasks t
+LEFT JOIN job_inputs ji ON ji.job_id = t.job_id
+LEFT JOIN jobs_variants v ON v.job_variants_id = t.job_variants_id
+LEFT JOIN image_assets ia ON ia.image_asset_id = v.img_asset_id
+WHERE t.id = ANY (%s)
+"""
+
+
+class TaskRunner:
+    def __init__(self, store: ArtifactStore, asset_root: Path):
+        self.store = store
+        self.asset_root = Path(asset_root).resolve()
+
+    def read_asset(self, uri: str, asset_tenant: str, tenant: str) -> bytes:
+        """An image asset of the task's own tenant: a store key, or a file under ASSET_ROOT."""
+        if asset_tenant != tenant:
+            raise PermanentStageError(f"image asset belongs to tenant {asset_tenant!r}, not the job's tenant {tenant!r}: refused")
+        if uri.startswith("file:"):
+            path = (self.asset_root / uri[len("file:"):]).resolve()
+            # resolve() follows symlinks, so a link pointing outside the root is caught too.
+            if not path.is_relative_to(self.asset_root):
+                raise PermanentStageError(f"image path {uri[5:]!r} is outside the asset root: refused")
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                raise PermanentStageError(f"image file missing: {uri[5:]!r}") from None
+            except IsADirectoryError:
+                raise PermanentStageError(f"image path is a directory: {uri[5:]!r}") from None
+        return self.read_artifact(uri, tenant)
+
+    def read_artifact(self, key: str, tenant: str) -> bytes:
+        if not key.startswith(f"{tenant}/"):
+            raise PermanentStageError(f"artifact {key!r} belongs to another tenant: refused")
+        try:
+            return self.store.get(key)
+        except KeyError:
+            raise PermanentStageError(f"artifact not found: {key}") from None
+
+    def build_input(self, task: ClaimedTask, row: dict | None) -> StageInput:
+        if row is None:
+            raise PermanentStageError(f"task {task.id} vanished before its inputs were read")
+        if row["ad_copy"] is None:
+            raise PermanentStageError(f"job {task.job_id} has no job_inputs row (no ad copy)")
+        image = None
+        if task.variant_id is not None:
+            if row["asset_uri"] is None:
+                raise PermanentStageError(f"variant {task.variant_id} has no image asset (img_asset_id {row['img_asset_id']})")
+            image = self.read_asset(row["asset_uri"], row["asset_tenant"], task.tenant_id)
+        return StageInput(
+            stage=task.stage, job_id=task.job_id, tenant_id=task.tenant_id, variant_id=task.variant_id,
+            attempt=task.attempt, ad_copy=row["ad_copy"], image=image, results=row["results"] or {},
+            variants=row["variants"] or {},
+            read_artifact=lambda key, tenant=task.tenant_id: self.read_artifact(key, tenant))
+
+    def run(self, spec: StageSpec, tasks: Sequence[ClaimedTask], rows: dict[int, dict]) -> list[dict | BaseException]:
+        """Runs one batch of a stage (in a worker thread). Position by position: the JSON result
+        to commit, or the exception that task failed with."""
+        outcomes: list[dict | BaseException | None] = [None] * len(tasks)
+        inputs, positions = [], []
+        for i, task in enumerate(tasks):
+            try:
+                inputs.append(self.build_input(task, rows.get(task.id)))
+                positions.append(i)
+            except Exception as exc:
+                outcomes[i] = exc
+        if inputs:
+            outputs = spec.run_batch(inputs)
+            if len(outputs) != len(inputs):
+                raise RuntimeError(f"stage {spec.name} returned {len(outputs)} outputs for {len(inputs)} inputs")
+            for i, output in zip(positions, outputs):
+                outcomes[i] = output if isinstance(output, BaseException) else self._finish(tasks[i], output)
+        return outcomes
+
+    def _finish(self, task: ClaimedTask, output: StageOutput) -> dict | BaseException:
+        try:
+            result = dict(output.result)
+            if output.artifacts:
+                keys = {}
+                for name, data in output.artifacts.items():
+                    key = artifact_key(task.tenant_id, task.job_id, task.variant_id, task.stage, task.attempt, name)
+                    self.store.put(key, data)
+                    keys[name] = key
+                result["artifacts"] = keys
+            encoded = json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            return PermanentStageError(f"stage {task.stage} returned a result that is not JSON: {exc}")
+        except Exception as exc:
+            return exc
+        if "\\u0000" in encoded:
+            return PermanentStageError(f"stage {task.stage} returned text with NUL characters, which PostgreSQL cannot store")
+        return result
