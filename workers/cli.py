@@ -43,6 +43,8 @@ def start(
                                  help="module:function that builds the stage registry."),
     lease: float = typer.Option(30.0, min=1.0, help="Lease seconds; heartbeats renew it every third."),
     grace: float = typer.Option(30.0, min=0.0, help="Seconds to finish in-flight tasks after SIGTERM."),
+    retry_base: float = typer.Option(2.0, min=0.0, help="First retry delay in seconds; doubles per attempt, with jitter."),
+    retry_max: float = typer.Option(300.0, min=0.0, help="Longest retry delay in seconds."),
 ) -> None:
     """Start worker process(es): LISTEN, claim with SKIP LOCKED, run stages, commit results."""
     from workers.logs import setup_logging
@@ -63,7 +65,7 @@ def start(
         from workers.supervisor import supervise
 
         child = ["start", "--concurrency", str(concurrency), "--registry", registry, "--lease", str(lease),
-                 "--grace", str(grace), *(["--stages", stages] if stages else []), *(["--gpu"] if gpu else []),
+                 "--grace", str(grace), "--retry-base", str(retry_base), "--retry-max", str(retry_max), *(["--stages", stages] if stages else []), *(["--gpu"] if gpu else []),
                  *(["--models", models] if models else [])]
         env = {**os.environ, "DATABASE_URL": url}
         raise typer.Exit(supervise(child, processes, env, grace))
@@ -72,6 +74,7 @@ def start(
                     "run stages by hand with `cli.py run-stage`")
         import signal
 
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         signal.sigwait({signal.SIGTERM, signal.SIGINT})
         return
     device = "cuda" if gpu else "cpu"
@@ -92,7 +95,7 @@ def start(
         raise typer.Exit(2)
     settings = WorkerSettings(url=url, listen_url=listen_url, stages=stage_list, concurrency=concurrency,
                               lease_s=lease, heartbeat_s=lease / 3, grace_s=grace, reconnect_delay_s=delay,
-                              worker_id=worker_id)
+                              retry_base_s=retry_base, retry_max_s=retry_max, worker_id=worker_id)
     from workers.runner import TaskRunner
 
     worker = Worker(settings, built, TaskRunner(open_store(), config.asset_root()))
