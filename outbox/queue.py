@@ -3,7 +3,7 @@ retry policy and replay. One statement per operation: round trips are what cost.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from psycopg import Connection
@@ -22,6 +22,9 @@ HAND_BACK = "SELECT outbox_hand_back(%s, %s) AS id"
 GRAPH = "SELECT stage, level, after_step, device, max_attempts, timeout_s FROM stage_graph ORDER BY position"
 
 
+INPUT_COLUMNS = ("ad_copy", "img_asset_id", "asset_uri", "asset_tenant", "results", "variants")
+
+
 @dataclass(frozen=True)
 class ClaimedTask:
     id: int
@@ -31,17 +34,26 @@ class ClaimedTask:
     attempt: int
     max_attempts: int
     tenant_id: str
+    inputs: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_row(cls, row: dict) -> "ClaimedTask":
         return cls(id=row["id"], job_id=str(row["job_id"]),
                    variant_id=str(row["job_variants_id"]) if row["job_variants_id"] else None,
                    stage=row["stage"], attempt=row["attempt"], max_attempts=row["max_attempts"],
-                   tenant_id=row["tenant_id"])
+                   tenant_id=row["tenant_id"], inputs={k: row[k] for k in INPUT_COLUMNS})
 
     @property
     def subject(self) -> str:
         return f"variant {self.variant_id}" if self.variant_id else f"job {self.job_id}"
+
+
+def split_claim(rows: list[dict]) -> tuple[list[ClaimedTask], float | None]:
+    """The claimed tasks, and the seconds to the next deadline (None: nothing to wait for, or
+    every slot asked for was filled)."""
+    tasks = [ClaimedTask.from_row(r) for r in rows if r["id"] is not None]
+    deadline = next((r["next_deadline_s"] for r in rows if r["id"] is None), None)
+    return tasks, deadline
 
 
 def retry_delay(attempt: int, base_s: float, cap_s: float) -> float:

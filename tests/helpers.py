@@ -20,7 +20,8 @@ def insert_job(conn, tenant="acme", copy="Buy one, get one free", variants=3, st
 def claim(conn, owner="w1", stages=None, limit=10, lease=30.0, task_id=None):
     stages = stages or ["vlm_analyze", "yolo_detect", "planner", "overlay", "vlm_judge", "ocr_eval",
                         "readability_eval", "iou_eval", "ad_copy_gen_kor", "instagram_feed_gen"]
-    return conn.execute("SELECT * FROM outbox_claim(%s, %s, %s, %s, %s)", (owner, stages, limit, lease, task_id)).fetchall()
+    rows = conn.execute("SELECT * FROM outbox_claim(%s, %s, %s, %s, %s)", (owner, stages, limit, lease, task_id)).fetchall()
+    return [r for r in rows if r["id"] is not None]
 
 
 def complete(conn, task, owner="w1", result=None) -> bool:

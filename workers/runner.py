@@ -10,31 +10,6 @@ from outbox.artifacts import ArtifactStore, artifact_key
 from outbox.queue import ClaimedTask
 from stages.contract import PermanentStageError, StageInput, StageOutput, StageSpec
 
-LOAD_INPUTS = """
-SELECT t.id AS task_id, ji.ad_copy, v.img_asset_id, ia.uri AS asset_uri, ia.tenant_id AS asset_tenant,
-       CASE WHEN t.job_variants_id IS NOT NULL THEN
-            (SELECT coalesce(jsonb_object_agg(r.stage, r.result), '{}'::jsonb)
-               FROM stage_results r WHERE r.job_variants_id = t.job_variants_id)
-       ELSE (SELECT coalesce(jsonb_object_agg(r.stage, r.result), '{}'::jsonb)
-               FROM stage_results r WHERE r.job_id = t.job_id AND r.job_variants_id IS NULL)
-       END AS results,
-       CASE WHEN t.job_variants_id IS NULL THEN
-            (SELECT coalesce(jsonb_object_agg(vv.job_variants_id::text, jsonb_build_object(
-                        'status', vv.status, 'current_step', vv.current_step,
-                        'creation_order', vv.creation_order,
-                        'results', (SELECT coalesce(jsonb_object_agg(r.stage, r.result), '{}'::jsonb)
-                                      FROM stage_results r WHERE r.job_variants_id = vv.job_variants_id))),
-                    '{}'::jsonb)
-               FROM jobs_variants vv WHERE vv.job_id = t.job_id)
-       END AS variants
-FROM stage_tasks t
-LEFT JOIN job_inputs ji ON ji.job_id = t.job_id
-LEFT JOIN jobs_variants v ON v.job_variants_id = t.job_variants_id
-LEFT JOIN image_assets ia ON ia.image_asset_id = v.img_asset_id
-WHERE t.id = ANY (%s)
-"""
-
-
 class TaskRunner:
     def __init__(self, store: ArtifactStore, asset_root: Path):
         self.store = store
@@ -65,9 +40,8 @@ class TaskRunner:
         except KeyError:
             raise PermanentStageError(f"artifact not found: {key}") from None
 
-    def build_input(self, task: ClaimedTask, row: dict | None) -> StageInput:
-        if row is None:
-            raise PermanentStageError(f"task {task.id} vanished before its inputs were read")
+    def build_input(self, task: ClaimedTask) -> StageInput:
+        row = task.inputs
         if row["ad_copy"] is None:
             raise PermanentStageError(f"job {task.job_id} has no job_inputs row (no ad copy)")
         image = None
@@ -81,14 +55,14 @@ class TaskRunner:
             variants=row["variants"] or {},
             read_artifact=lambda key, tenant=task.tenant_id: self.read_artifact(key, tenant))
 
-    def run(self, spec: StageSpec, tasks: Sequence[ClaimedTask], rows: dict[int, dict]) -> list[dict | BaseException]:
+    def run(self, spec: StageSpec, tasks: Sequence[ClaimedTask]) -> list[dict | BaseException]:
         """Runs one batch of a stage (in a worker thread). Position by position: the JSON result
         to commit, or the exception that task failed with."""
         outcomes: list[dict | BaseException | None] = [None] * len(tasks)
         inputs, positions = [], []
         for i, task in enumerate(tasks):
             try:
-                inputs.append(self.build_input(task, rows.get(task.id)))
+                inputs.append(self.build_input(task))
                 positions.append(i)
             except Exception as exc:
                 outcomes[i] = exc

@@ -25,7 +25,7 @@ from outbox import db, queue
 from outbox.queue import ClaimedTask
 from stages.contract import PermanentStageError, StageSpec
 from workers.metrics import Metrics
-from workers.runner import LOAD_INPUTS, TaskRunner
+from workers.runner import TaskRunner
 
 log = logging.getLogger("workers")
 
@@ -145,9 +145,10 @@ class Worker:
                 async with pool.connection() as conn:
                     rows = await (await conn.execute(
                         queue.CLAIM, (self.owner, self.stages, 1, self.settings.lease_s, task_id))).fetchall()
-                if not rows:
+                tasks, _ = queue.split_claim(rows)
+                if not tasks:
                     return "not claimable"
-                task = ClaimedTask.from_row(rows[0])
+                task = tasks[0]
                 self.in_flight[task.id] = task
                 await self._execute([task])
                 async with pool.connection() as conn:
@@ -272,6 +273,7 @@ class Worker:
                 for row in rescued:
                     log.warning("recovery: task %s had an expired lease: %s", row["id"], row["outcome"])
                     self.metrics.lease_rescues.inc()
+            seconds = None
             while not self.stopping:
                 free = self.settings.concurrency - len(self.in_flight)
                 if free <= 0:
@@ -279,11 +281,10 @@ class Worker:
                     return
                 rows = await (await conn.execute(
                     queue.CLAIM, (self.owner, self.stages, free, self.settings.lease_s, None))).fetchall()
-                tasks = [ClaimedTask.from_row(r) for r in rows]
+                tasks, seconds = queue.split_claim(rows)
                 self._start(tasks)
                 if len(tasks) < free:
                     break
-            seconds = (await (await conn.execute(queue.NEXT_DEADLINE, (self.stages, self.owner))).fetchone())["seconds"]
         self.deadline = None if seconds is None else loop.time() + max(seconds, MIN_DEADLINE_WAIT_S)
 
     def _start(self, tasks: list[ClaimedTask]) -> None:
@@ -308,9 +309,6 @@ class Worker:
                      task.job_id, task.attempt, task.max_attempts, extra=task_fields(task))
         started = time.monotonic()
         try:
-            async with self.pool.connection() as conn:
-                rows = await (await conn.execute(LOAD_INPUTS, ([t.id for t in tasks],))).fetchall()
-            by_id = {row["task_id"]: row for row in rows}
             # GPU stages take the device one batch at a time: a second batch would only fight
             # the first for memory.
             lock = self.device_locks[spec.name] if spec.device == "gpu" else None
@@ -318,7 +316,7 @@ class Worker:
                 await lock.acquire()
             try:
                 outcomes = await asyncio.wait_for(
-                    loop.run_in_executor(self.executor, self.runner.run, spec, tasks, by_id),
+                    loop.run_in_executor(self.executor, self.runner.run, spec, tasks),
                     self.timeouts.get(spec.name, 300.0))
             finally:
                 if lock:

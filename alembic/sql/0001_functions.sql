@@ -172,12 +172,18 @@ END $$;
 
 -- Claim up to p_limit claimable tasks of the given stages in one statement. attempts counts at
 -- claim, so a stage that kills its worker still uses up its attempts. The variant (or job) shows
--- (stage, running) in this same transaction.
+-- (stage, running) in this same transaction. Each row carries the task's inputs (ad copy, image
+-- asset, earlier results), and when fewer than p_limit were claimable, a last row with a NULL id
+-- carries next_deadline_s (see outbox_next_deadline): one round trip whatever happens.
 CREATE FUNCTION outbox_claim(p_owner text, p_stages text[], p_limit integer,
                              p_lease_s double precision, p_task_id bigint DEFAULT NULL)
 RETURNS TABLE (id bigint, job_id uuid, job_variants_id uuid, stage text, attempt integer,
-               max_attempts integer, tenant_id varchar)
+               max_attempts integer, tenant_id varchar, ad_copy text, img_asset_id uuid,
+               asset_uri text, asset_tenant varchar, results jsonb, variants jsonb,
+               next_deadline_s double precision)
 LANGUAGE plpgsql AS $$
+DECLARE
+    claimed_count integer;
 BEGIN
     RETURN QUERY
     WITH picked AS (
@@ -201,9 +207,37 @@ BEGIN
         UPDATE jobs j SET status = 'running', current_step = c.stage
         FROM claimed c WHERE c.job_variants_id IS NULL AND j.job_id = c.job_id
     )
-    SELECT c.id, c.job_id, c.job_variants_id, c.stage, c.attempts, c.max_attempts, j.tenant_id
-    FROM claimed c JOIN jobs j ON j.job_id = c.job_id
+    SELECT c.id, c.job_id, c.job_variants_id, c.stage, c.attempts, c.max_attempts, j.tenant_id,
+           ji.ad_copy, v.img_asset_id, ia.uri, ia.tenant_id,
+           CASE WHEN c.job_variants_id IS NOT NULL THEN
+                (SELECT coalesce(jsonb_object_agg(r.stage, r.result), '{}'::jsonb)
+                   FROM stage_results r WHERE r.job_variants_id = c.job_variants_id)
+           ELSE (SELECT coalesce(jsonb_object_agg(r.stage, r.result), '{}'::jsonb)
+                   FROM stage_results r WHERE r.job_id = c.job_id AND r.job_variants_id IS NULL)
+           END,
+           CASE WHEN c.job_variants_id IS NULL THEN
+                (SELECT coalesce(jsonb_object_agg(vv.job_variants_id::text, jsonb_build_object(
+                            'status', vv.status, 'current_step', vv.current_step,
+                            'creation_order', vv.creation_order,
+                            'results', (SELECT coalesce(jsonb_object_agg(r.stage, r.result), '{}'::jsonb)
+                                          FROM stage_results r WHERE r.job_variants_id = vv.job_variants_id))),
+                        '{}'::jsonb)
+                   FROM jobs_variants vv WHERE vv.job_id = c.job_id)
+           END,
+           NULL::double precision
+    FROM claimed c
+    JOIN jobs j ON j.job_id = c.job_id
+    LEFT JOIN job_inputs ji ON ji.job_id = c.job_id
+    LEFT JOIN jobs_variants v ON v.job_variants_id = c.job_variants_id
+    LEFT JOIN image_assets ia ON ia.image_asset_id = v.img_asset_id
     ORDER BY c.id;
+    GET DIAGNOSTICS claimed_count = ROW_COUNT;
+    IF claimed_count < p_limit THEN
+        RETURN QUERY SELECT NULL::bigint, NULL::uuid, NULL::uuid, NULL::text, NULL::integer,
+                            NULL::integer, NULL::varchar, NULL::text, NULL::uuid, NULL::text,
+                            NULL::varchar, NULL::jsonb, NULL::jsonb,
+                            outbox_next_deadline(p_stages, p_owner);
+    END IF;
 END $$;
 
 -- Lease-fenced completion: only the holder of the current attempt commits; its result row and
