@@ -257,6 +257,12 @@ BEGIN
     END IF;
     INSERT INTO stage_results (task_id, job_id, job_variants_id, stage, attempt, result)
     VALUES (t.id, t.job_id, t.job_variants_id, t.stage, t.attempts, p_result);
+    -- A job-level stage that picks the winning variant says so with chosen_variant_id; the old
+    -- system's jobs_variants.selected shows it.
+    IF t.job_variants_id IS NULL AND p_result ? 'chosen_variant_id' THEN
+        UPDATE jobs_variants SET selected = (job_variants_id::text = p_result->>'chosen_variant_id')
+        WHERE job_id = t.job_id;
+    END IF;
     PERFORM outbox_set_owner_state(t, 'done');
     RETURN true;
 END $$;

@@ -1,0 +1,270 @@
+"""Safe image decoding and encoding shared by every stage, plus the colour arithmetic of WCAG.
+
+Images come from a generator outside this project, so any byte string may arrive: each way it can be
+unusable becomes a PermanentStageError that names the problem, and every usable image comes out as
+8-bit sRGB RGB with its EXIF orientation applied, so all stages see the same pixels at the same size.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from stages.contract import PermanentStageError
+
+DEFAULT_MAX_PIXELS = 40_000_000
+MIN_SIDE = 32
+MAX_ASPECT_RATIO = 20.0
+WHITE = (255, 255, 255)
+
+
+def max_image_pixels() -> int:
+    """The decompression-bomb limit: env MAX_IMAGE_PIXELS, else DEFAULT_MAX_PIXELS."""
+    raw = os.environ.get("MAX_IMAGE_PIXELS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise ValueError(f"MAX_IMAGE_PIXELS must be a positive integer, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"MAX_IMAGE_PIXELS must be a positive integer, got {raw!r}")
+    return value
+
+
+def load_image(data: bytes | bytearray | memoryview | None) -> Image.Image:
+    """Decodes untrusted bytes into an RGB image, refusing anything a later stage could not use."""
+    if data is None:
+        raise PermanentStageError("no image: the variant has no image bytes")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PermanentStageError(f"image must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise PermanentStageError("image is empty (0 bytes)")
+
+    limit = max_image_pixels()
+    try:
+        with warnings.catch_warnings():
+            # Our own limit decides below; Pillow's warning would only add noise to the logs.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+    except Image.DecompressionBombError as exc:
+        raise PermanentStageError(f"image refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise PermanentStageError(
+            f"not a recognised image format ({len(data)} bytes, starting {data[:8]!r})"
+        ) from None
+    except Exception as exc:  # a malformed header can raise nearly anything inside a plugin
+        raise PermanentStageError(f"image header is corrupt: {type(exc).__name__}: {exc}") from None
+
+    width, height = img.size
+    if width * height > limit:
+        raise PermanentStageError(
+            f"image refused as a decompression bomb: {width}x{height} = {width * height} pixels "
+            f"exceeds the limit of {limit} (MAX_IMAGE_PIXELS)"
+        )
+    _check_geometry(width, height)
+
+    try:
+        img.load()
+    except Exception as exc:  # truncated streams surface as OSError, SyntaxError, ValueError...
+        raise PermanentStageError(
+            f"image data is truncated or corrupt ({img.format or 'unknown'} {width}x{height}, "
+            f"{len(data)} bytes): {type(exc).__name__}: {exc}"
+        ) from None
+
+    try:
+        img = ImageOps.exif_transpose(img)
+        rgb = _to_srgb_rgb(img)
+    except PermanentStageError:
+        raise
+    except Exception as exc:
+        raise PermanentStageError(
+            f"image could not be converted to RGB (mode {img.mode}): {type(exc).__name__}: {exc}"
+        ) from None
+    _check_geometry(*rgb.size)
+    return rgb
+
+
+def _check_geometry(width: int, height: int) -> None:
+    if min(width, height) < MIN_SIDE:
+        raise PermanentStageError(
+            f"image too small: {width}x{height}, each side must be at least {MIN_SIDE} px"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise PermanentStageError(
+            f"image aspect ratio too extreme: {width}x{height} is {ratio:.1f}:1, "
+            f"the limit is {MAX_ASPECT_RATIO:g}:1"
+        )
+
+
+def _to_srgb_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        img = _high_depth_to_l(img)
+        mode = img.mode
+    if mode == "P":
+        # A palette may carry transparency in info["transparency"]; RGBA keeps it for compositing.
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, WHITE + (255,))
+        return Image.alpha_composite(background, img).convert("RGB")
+
+    icc = img.info.get("icc_profile")
+    if icc and mode in ("RGB", "CMYK"):
+        converted = _icc_to_srgb(img, icc)
+        if converted is not None:
+            return converted
+    return img.convert("RGB")
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = arr.astype(np.float64)
+        # Float images are either 0..1 or already on the 0..255 scale.
+        scale = 255.0 if np.nanmax(arr) <= 1.0 else 1.0
+        arr = np.nan_to_num(arr) * scale
+    elif img.mode.startswith("I;16"):
+        arr = arr.astype(np.float64) / 257.0
+    else:
+        # 32-bit "I" is how Pillow may hand over 16-bit PNGs; only rescale when values need it.
+        arr = arr.astype(np.float64)
+        if arr.max(initial=0) > 255:
+            arr = arr / 257.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+
+
+def _icc_to_srgb(img: Image.Image, icc: bytes) -> Image.Image | None:
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        dst = ImageCms.createProfile("sRGB")
+        return ImageCms.profileToProfile(img, src, dst, outputMode="RGB")
+    except Exception:
+        # A broken or unsupported profile is common in generated files; the plain conversion
+        # below is still a valid image, only less colour-accurate.
+        return None
+
+
+def artifact_image(
+    read_artifact: Callable[[str], bytes], result: Mapping[str, Any] | None, name: str, owner: str
+) -> Image.Image:
+    """Decodes the image artifact `name` that an earlier stage (`owner`) recorded in its result."""
+    key = ((result or {}).get("artifacts") or {}).get(name)
+    if not key:
+        raise PermanentStageError(f"the {owner} result names no {name} artifact")
+    return load_image(read_artifact(key))
+
+
+def srgb_icc_profile() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def encode_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=3)  # level 6+ costs seconds on large photos for a few %
+    return buf.getvalue()
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    """Baseline JPEG with an embedded sRGB profile, so viewers do not guess the colour space."""
+    buf = io.BytesIO()
+    img.convert("RGB").save(
+        buf, format="JPEG", quality=quality, optimize=True, icc_profile=srgb_icc_profile()
+    )
+    return buf.getvalue()
+
+
+def rgb_array(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB"), dtype=np.float64)
+
+
+def grey_array(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("L"), dtype=np.float64)
+
+
+LUMA_601 = np.array([0.299, 0.587, 0.114])  # the weights of Pillow's "L" conversion
+
+
+def luma(rgb: Sequence[float] | np.ndarray) -> np.ndarray | float:
+    """Grey level(s) of RGB colour(s), matching grey_array; the last axis holds R, G, B."""
+    grey = np.asarray(rgb, dtype=np.float64) @ LUMA_601
+    return float(grey) if grey.ndim == 0 else grey
+
+
+# --- colours and WCAG 2.x ---------------------------------------------------------------------
+
+
+def hex_to_rgb(value: str) -> tuple[int, int, int]:
+    text = value.strip().lstrip("#")
+    if len(text) == 3:
+        text = "".join(ch * 2 for ch in text)
+    if len(text) != 6:
+        raise ValueError(f"not a #rrggbb colour: {value!r}")
+    return int(text[0:2], 16), int(text[2:4], 16), int(text[4:6], 16)
+
+
+def parse_colour(value: Any, what: str) -> tuple[int, int, int]:
+    """hex_to_rgb for colours read from another stage's result: bad values are permanent errors."""
+    try:
+        return hex_to_rgb(str(value))
+    except ValueError:
+        raise PermanentStageError(f"{what} is not a #rrggbb colour: {value!r}") from None
+
+
+def rgb_to_hex(rgb: Iterable[float]) -> str:
+    r, g, b = (int(round(min(255, max(0, c)))) for c in rgb)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def relative_luminance(rgb: Sequence[float] | np.ndarray) -> np.ndarray | float:
+    """WCAG 2.x relative luminance of 8-bit sRGB colour(s); the last axis holds R, G, B."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    lum = linear[..., 0] * 0.2126 + linear[..., 1] * 0.7152 + linear[..., 2] * 0.0722
+    return float(lum) if lum.ndim == 0 else lum
+
+
+def contrast_ratio(lum_a: float | np.ndarray, lum_b: float | np.ndarray) -> np.ndarray | float:
+    hi = np.maximum(lum_a, lum_b)
+    lo = np.minimum(lum_a, lum_b)
+    ratio = (hi + 0.05) / (lo + 0.05)
+    return float(ratio) if np.ndim(ratio) == 0 else ratio
+
+
+WORST_SHARE = 0.10
+WCAG_AA_NORMAL = 4.5  # minimum contrast for normal text (WCAG 2.x, level AA)
+WCAG_AA_LARGE = 3.0  # minimum contrast for large text
+
+
+def worst_contrast(text_rgb: Sequence[float], background_lum: np.ndarray) -> float:
+    """Contrast of the text colour against the WORST_SHARE of background pixels closest to it.
+
+    The mean would let a light patch right behind the text hide inside a dark surround; the value
+    returned is the contrast that all but the worst 10% of the background pixels reach or beat.
+    """
+    lum = np.asarray(background_lum, dtype=np.float64).ravel()
+    if lum.size == 0:
+        raise ValueError("no background pixels to measure contrast against")
+    ratios = np.asarray(contrast_ratio(relative_luminance(text_rgb), lum))
+    return float(np.quantile(ratios, WORST_SHARE, method="lower"))
+
+
+def blend_box(img: Image.Image, box: Sequence[int], rgb: Sequence[int], alpha: float) -> Image.Image:
+    """A copy of img with a flat colour laid over box at the given opacity (a scrim).
+
+    Done in numpy with one rounding so that an evaluator can rebuild the exact same pixels.
+    """
+    x1, y1, x2, y2 = (int(v) for v in box)
+    arr = np.asarray(img.convert("RGB"), dtype=np.float64).copy()
+    region = arr[y1:y2, x1:x2]
+    arr[y1:y2, x1:x2] = region * (1.0 - alpha) + np.asarray(rgb, dtype=np.float64) * alpha
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))

@@ -1,0 +1,116 @@
+"""Where an image draws the eye and where it is busy: maps the planner and the evaluators score with.
+
+All maps are plain 2-D float arrays; box statistics go through summed-area tables so scoring many
+candidate boxes costs one pass over the image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# A Sobel response (kernel normalised by 1/8) of EDGE_THRESHOLD means a step of about twice that in
+# grey levels: a visible edge or fine texture, well above JPEG noise and soft gradients.
+EDGE_THRESHOLD = 10.0
+# Above this share of edge pixels a background competes with the text drawn on it (readability_eval
+# fails it; overlay lays a scrim to calm it).
+MAX_BUSYNESS = 0.15
+AMPLITUDE_FLOOR = 0.1
+SALIENCY_WORK_SIZE = 64  # the spectral-residual method is defined on a thumbnail of about this size
+
+
+def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resizes a float map to (width, height) with bilinear interpolation."""
+    img = Image.fromarray(np.asarray(values, dtype=np.float32))
+    return np.asarray(img.resize(size, Image.Resampling.BILINEAR), dtype=np.float64)
+
+
+def _box_filter_wrap(values: np.ndarray, radius: int) -> np.ndarray:
+    # Periodic borders, because the spectrum the filter runs on is periodic.
+    total = np.zeros_like(values)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            total += np.roll(values, (dy, dx), axis=(0, 1))
+    return total / float((2 * radius + 1) ** 2)
+
+
+def gaussian_blur(values: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma <= 0:
+        return values.astype(np.float64)
+    radius = max(1, int(round(3 * sigma)))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-(x * x) / (2 * sigma * sigma))
+    kernel /= kernel.sum()
+    out = np.asarray(values, dtype=np.float64)
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="reflect" if out.shape[axis] > radius else "edge")
+        windows = np.lib.stride_tricks.sliding_window_view(padded, kernel.size, axis=axis)
+        out = windows @ kernel
+    return out
+
+
+def spectral_residual(grey: np.ndarray) -> np.ndarray:
+    """Saliency map in [0, 1] at the input's size (Hou & Zhang 2007, spectral residual)."""
+    h, w = grey.shape
+    scale = SALIENCY_WORK_SIZE / max(h, w)
+    small_size = (max(8, round(w * scale)), max(8, round(h * scale)))
+    small = resize_map(grey, small_size)
+    # The FFT treats the image as periodic: padding with the border pixels moves the seam where the
+    # top edge meets the bottom edge away from the image, so the seam is not called salient.
+    pad_y, pad_x = small.shape[0] // 4, small.shape[1] // 4
+    padded = np.pad(small, ((pad_y, pad_y), (pad_x, pad_x)), mode="edge")
+    # Without its mean the constant term cannot dominate the reconstruction; with it, the map would
+    # follow the sign of the residual signal instead of its energy and light up beside objects.
+    spectrum = np.fft.fft2(padded - padded.mean())
+    amplitude = np.abs(spectrum)
+    # A floor under the amplitude: flat synthetic shapes have exact spectral zeros whose huge negative
+    # logs would otherwise dominate the residual and ring across the whole map.
+    log_amplitude = np.log(amplitude + AMPLITUDE_FLOOR * amplitude.mean() + 1e-12)
+    residual = log_amplitude - _box_filter_wrap(log_amplitude, 1)
+    saliency = np.abs(np.fft.ifft2(np.exp(residual + 1j * np.angle(spectrum)))) ** 2
+    saliency = gaussian_blur(saliency, sigma=2.5)[
+        pad_y : pad_y + small.shape[0], pad_x : pad_x + small.shape[1]
+    ]
+    saliency -= saliency.min()
+    peak = saliency.max()
+    if peak > 0:
+        saliency /= peak
+    return np.clip(resize_map(saliency, (w, h)), 0.0, 1.0)
+
+
+def gradient_magnitude(grey: np.ndarray) -> np.ndarray:
+    """Sobel gradient magnitude, in grey levels per pixel (kernel normalised by 1/8)."""
+    p = np.pad(np.asarray(grey, dtype=np.float64), 1, mode="edge")
+    gx = ((p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])) / 8.0
+    gy = ((p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])) / 8.0
+    return np.hypot(gx, gy)
+
+
+def edge_map(grey: np.ndarray) -> np.ndarray:
+    """1.0 where a visible edge passes, 0.0 elsewhere."""
+    return (gradient_magnitude(grey) > EDGE_THRESHOLD).astype(np.float64)
+
+
+def edge_density(grey: np.ndarray) -> float:
+    """Share of pixels on a visible edge: 0 for a flat background, towards 1 for dense texture."""
+    if grey.size == 0:
+        return 0.0
+    return float(edge_map(grey).mean())
+
+
+def integral_image(values: np.ndarray) -> np.ndarray:
+    table = np.zeros((values.shape[0] + 1, values.shape[1] + 1), dtype=np.float64)
+    table[1:, 1:] = np.cumsum(np.cumsum(values, axis=0), axis=1)
+    return table
+
+
+def box_mean(table: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """Mean of the map inside integer box (x1, y1, x2, y2), x2/y2 exclusive, from its integral."""
+    x1, y1, x2, y2 = box
+    area = (x2 - x1) * (y2 - y1)
+    if area <= 0:
+        return 0.0
+    total = table[y2, x2] - table[y1, x2] - table[y2, x1] + table[y1, x1]
+    return float(total / area)
