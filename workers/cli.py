@@ -23,8 +23,12 @@ def load_registry(spec: str, profile: str | None, device: str) -> dict:
     module_name, _, attr = spec.partition(":")
     if not attr:
         raise typer.BadParameter(f"--registry {spec!r}: expected module:function")
-    factory = getattr(importlib.import_module(module_name), attr)
-    return factory(profile=profile, device=device)
+    module = importlib.import_module(module_name)
+    describe = getattr(module, "describe_profile", None)
+    if describe:
+        line = describe(profile)
+        (log.warning if "RANDOM" in line.upper() else log.info)("models: %s", line)
+    return getattr(module, attr)(profile=profile, device=device)
 
 
 @app.callback()
