@@ -70,14 +70,15 @@ def wait_until(conn, sql, target, timeout=600):
         time.sleep(0.01)
 
 
-def idle_tx_per_s(admin, dbname, window=20.0):
+def idle_tx_per_s(admin, dbname, window=20.0, settle=35.0):
     """Transactions committed in the database while its workers sit idle. VACUUM first so that
-    autovacuum has nothing left to do there; backends flush their statistics within ~10 s of
-    going idle, so we wait that out too."""
+    autovacuum has nothing left to do there. Then wait `settle` seconds: an adflow worker may wake
+    once at the lease expiry of a task it saw running elsewhere (30 s leases), and backends flush
+    their statistics within ~10 s of going idle."""
     with psycopg.connect(conninfo=admin.info.dsn.replace(f"dbname={admin.info.dbname}", f"dbname={dbname}"),
                          autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")
-    time.sleep(11)
+    time.sleep(settle)
     sql = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s"
     before = admin.execute(sql, (dbname,)).fetchone()[0]
     time.sleep(window)

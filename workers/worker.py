@@ -76,6 +76,10 @@ class Worker:
         self.stopping = False
         self.stop_event: asyncio.Event | None = None
         self.deadline: float | None = None
+        # True when the last claim may have left claimable tasks behind (slots were full): a
+        # freed slot must then claim again. Otherwise the notification of new work wakes us,
+        # and an extra wake would only cost an empty claim.
+        self.saturated = False
         self.rescue_due = False
         self.listener_connected = False
         self.connected_once = False
@@ -277,6 +281,7 @@ class Worker:
             while not self.stopping:
                 free = self.settings.concurrency - len(self.in_flight)
                 if free <= 0:
+                    self.saturated = True
                     self.deadline = None  # a completion will wake us
                     return
                 rows = await (await conn.execute(
@@ -284,6 +289,7 @@ class Worker:
                 tasks, seconds = queue.split_claim(rows)
                 self._start(tasks)
                 if len(tasks) < free:
+                    self.saturated = False
                     break
         self.deadline = None if seconds is None else loop.time() + max(seconds, MIN_DEADLINE_WAIT_S)
 
@@ -327,7 +333,8 @@ class Worker:
             outcomes = [exc] * len(tasks)
         elapsed = time.monotonic() - started
         await asyncio.gather(*(self._settle(task, outcome, elapsed) for task, outcome in zip(tasks, outcomes)))
-        self.kick()
+        if self.saturated:
+            self.kick()
 
     async def _settle(self, task: ClaimedTask, outcome, elapsed: float) -> None:
         try:

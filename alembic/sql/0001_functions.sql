@@ -116,8 +116,11 @@ BEGIN
     IF NEW.status = 'done' AND v_job_status IS DISTINCT FROM 'cancelled' THEN
         PERFORM outbox_enqueue_after('variant', NEW.job_id, NEW.job_variants_id, NEW.current_step);
     END IF;
-    IF outbox_variant_is_terminal(NEW.status, NEW.current_step) THEN
-        PERFORM outbox_fan_in(NEW.job_id);
+    -- Nested so that the common (stage, running) change skips the terminal check's query.
+    IF NEW.status IN ('done', 'failed', 'cancelled') THEN
+        IF outbox_variant_is_terminal(NEW.status, NEW.current_step) THEN
+            PERFORM outbox_fan_in(NEW.job_id);
+        END IF;
     END IF;
     RETURN NULL;
 END $$;
