@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 APT_PACKAGES := tesseract-ocr tesseract-ocr-kor tesseract-ocr-eng fonts-nanum
 
-.PHONY: install system-deps run test bench clean
+.PHONY: install system-deps run test soak bench clean
 
 install: $(STAMP)
 
@@ -33,14 +33,25 @@ system-deps:
 	  echo "note: please install $(APT_PACKAGES) (sudo apt-get install ...); OCR and Korean text need them"; \
 	fi
 
+# The demo: embedded PostgreSQL, migrations, sample images, workers, one live job, an HTML report.
+# Extra flags: make run DEMO_ARGS="--workers 3 --plain".
+DEMO_ARGS ?=
 run: install system-deps
-	$(PY) cli.py demo
+	$(PY) cli.py demo $(DEMO_ARGS)
 
 test: install system-deps
 	$(PY) -m pytest -q
 
+# The fault suite (tests/faults, also part of `make test`) in its long form: five times the jobs
+# and fault rounds. See docs/reliability.md.
+soak: install
+	FAULTS_SOAK=1 $(PY) -m pytest tests/faults -q
+
+# Benchmarks: procrastinate is a benchmark-only dependency (the `bench` extra).
 bench: install
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/engine_throughput.py
+	$(PY) bench/claim_history.py
 
 clean:
 	rm -rf $(VENV) .adflow

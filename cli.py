@@ -91,6 +91,31 @@ def db_downgrade(revision: str = typer.Argument(..., help="Target revision, e.g.
     typer.echo(f"database at {revision}")
 
 
+@db_app.command("check")
+def db_check(wait: float = typer.Option(0.0, min=0.0, help="Seconds to wait for the migration to land (a pod's "
+                                        "init container waits for the migration Job).")) -> None:
+    """Exit 0 when the database is at this code's head revision (or a newer one), else 4."""
+    import time
+
+    from outbox import migrate
+
+    with errors_to_exit_codes():
+        url = db.resolve_url()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            state, current, heads = migrate.check_schema(url)
+        except Exception as exc:  # unreachable: the same as not migrated yet while we may wait
+            state, current, heads = "unreachable", [str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__], []
+        if state in ("head", "ahead"):
+            typer.echo(f"database at {','.join(current)} ({state})")
+            return
+        if time.monotonic() >= deadline:
+            fail(f"database schema {state} ({', '.join(current) or 'no revision'}; this code needs "
+                 f"{','.join(heads) or 'head'}): run `cli.py db upgrade`", EXIT_DATABASE)
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+
 @app.command()
 def submit(
     images: List[Path] = typer.Argument(..., help="Candidate images: one variant each."),
@@ -133,19 +158,85 @@ def status(job: Optional[str] = typer.Argument(None, help="A job id for its deta
         print_overview(data)
 
 
-def follow_job(conn, job_id: str, quiet: bool = False) -> str:
-    """Prints each state change of the job until it finishes; returns its final status."""
-    from outbox.watch import watch_job
+def follow_job(conn, job_id: str, quiet: bool = False, plain: bool = False) -> str:
+    """Shows the job's progress live until it finishes (rich bars on a terminal, plain lines on a
+    pipe; on stderr when quiet, so stdout keeps only the JSON); returns its final status."""
+    import sys
 
-    status = "running"
-    for event in watch_job(conn, job_id):
-        payload = event["payload"]
-        status = payload["status"]
-        if quiet or event["channel"] == "snapshot":
-            continue
-        who = f"variant {payload['job_variants_id'][:8]}" if "job_variants_id" in payload else "job"
-        typer.echo(f"{who}: {payload['current_step']} {payload['status']}")
-    return status
+    from outbox.progress import error_lookup, follow_job as follow, make_renderer
+
+    lookup = error_lookup(lambda: db.connect(db.resolve_url()))
+    try:
+        progress = follow(conn, job_id, make_renderer(sys.stderr if quiet else sys.stdout, plain or None), lookup)
+    finally:
+        lookup.close()
+    return progress.final_status
+
+
+@app.command()
+def watch(job: Optional[str] = typer.Argument(None, help="Job id (default: the newest job)."),
+          plain: bool = typer.Option(False, "--plain", help="Plain lines even on a terminal.")) -> None:
+    """Follow a job live: per-variant stage progress, durations, failures.
+
+    Driven by LISTEN on job_variant_state_changed / job_state_changed, not by polling: rich
+    progress bars on a terminal, plain lines on a pipe. Exit 0 when the job is done, 1 when it
+    failed or was cancelled."""
+    from outbox.report import latest_job_id
+
+    with database() as conn:
+        with errors_to_exit_codes():
+            status = follow_job(conn, job or latest_job_id(conn), plain=plain)
+    raise typer.Exit(0 if status == "done" else 1)
+
+
+@app.command()
+def report(job: str = typer.Argument(..., help="Job id, or 'latest' for the newest job."),
+           output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                                 help="HTML file to write (default: ADFLOW_HOME/reports/job-<id>.html; - for stdout).")) -> None:
+    """Write a job's report: one self-contained HTML file.
+
+    Per variant the original, the detections, the text placement, the overlay, every score with
+    pass/fail and the stage timeline; the chosen variant and why; the Instagram post in a
+    phone-sized preview with its Korean caption."""
+    from outbox.artifacts import open_store
+    from outbox.report import asset_reader, gather, latest_job_id
+    from stages.report_html import render_report
+
+    with database() as conn:
+        with errors_to_exit_codes():
+            data = gather(conn, latest_job_id(conn) if job == "latest" else job)
+            page = render_report(data, asset_reader(open_store(), config.asset_root()))
+    if output is not None and str(output) == "-":
+        typer.echo(page)
+        return
+    path = output or config.home_dir() / "reports" / f"job-{data['job']['job_id']}.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    typer.echo(str(path))
+
+
+@app.command()
+def demo(
+    workers: int = typer.Option(2, min=1, max=16, help="Worker processes to start."),
+    concurrency: int = typer.Option(4, min=1, max=64, help="Tasks in flight per worker process."),
+    models: Optional[str] = typer.Option(None, help="Model profile: tiny or real (default: tiny, unless MODEL_PROFILE "
+                                                    "is set or VLM_MODEL / YOLO_MODEL / TRANSLATION_MODEL name real weights)."),
+    copy: Optional[str] = typer.Option(None, "--copy", help="The English ad copy (default: the demo's)."),
+    plain: bool = typer.Option(False, "--plain", help="Plain progress lines even on a terminal."),
+) -> None:
+    """Run a whole demo ad job on this machine (what `make run` does).
+
+    Embedded PostgreSQL (without DATABASE_URL), migrations, three generated sample images, worker
+    processes, live progress; ends by printing where the Instagram post and the HTML report are."""
+    import sys
+
+    from workers.demo import run_demo
+
+    if models is not None and models not in ("tiny", "real"):
+        fail(f"--models {models!r}: use tiny or real", EXIT_INVALID)
+    with errors_to_exit_codes():
+        code = run_demo(sys.stdout, workers, concurrency, models, copy, plain or None)
+    raise typer.Exit(code)
 
 
 def print_overview(data: dict) -> None:
@@ -180,9 +271,8 @@ def parse_since(value: str | None) -> datetime | None:
     """An ISO timestamp or an age like 30m, 2h, 7d."""
     if not value:
         return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if value[-1:] in units and value[:-1].isdigit():
-        return datetime.now(timezone.utc) - timedelta(seconds=int(value[:-1]) * units[value[-1]])
+    if value[-1:] in AGE_UNITS and value[:-1].isdigit():
+        return datetime.now(timezone.utc) - parse_age(value)
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -254,6 +344,47 @@ def run_stage(
     outcome = asyncio.run(worker.run_task(task["id"]))
     typer.echo(f"{stage} for {subject}: {outcome}")
     raise typer.Exit(0 if outcome == "done" else 1)
+
+
+@app.command()
+def cancel(job: str = typer.Argument(..., help="The job id.")) -> None:
+    """Cancel a job: queued tasks end cancelled, running ones are not committed, nothing new starts."""
+    from outbox.jobs import cancel_job
+
+    with database() as conn:
+        with errors_to_exit_codes():
+            count = cancel_job(conn, job)
+    typer.echo(f"job {job} cancelled ({count} task(s) cancelled)")
+
+
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_age(value: str) -> timedelta:
+    if value[-1:] in AGE_UNITS and value[:-1].isdigit():
+        return timedelta(seconds=int(value[:-1]) * AGE_UNITS[value[-1]])
+    raise InvalidInput(f"age {value!r}: give a number and a unit, e.g. 90m, 12h, 30d")
+
+
+@app.command()
+def prune(
+    older_than: str = typer.Option("30d", help="Age of finished jobs to delete (e.g. 12h, 30d)."),
+    batch: int = typer.Option(1000, min=1, max=100000, help="Jobs per transaction."),
+    include_failed: bool = typer.Option(False, "--include-failed", help="Delete failed jobs too."),
+    orphan_grace: str = typer.Option("1h", help="Orphan artifacts younger than this are kept."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count what would go; delete nothing."),
+) -> None:
+    """Delete finished jobs' tasks, results and artifacts in small batches, and orphan artifacts."""
+    from outbox.artifacts import open_store
+    from outbox.retention import prune as run_prune
+
+    with database() as conn:
+        with errors_to_exit_codes():
+            report = run_prune(conn, open_store(), parse_age(older_than), batch, include_failed, dry_run,
+                               parse_age(orphan_grace))
+    verb = "would remove" if dry_run else "removed"
+    typer.echo(f"{verb} {report.jobs} job(s), {report.assets} image asset(s), {report.artifacts} artifact(s) "
+               f"in {report.batches} batch(es); {report.orphans} orphan artifact(s)")
 
 
 if __name__ == "__main__":

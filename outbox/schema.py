@@ -1,7 +1,7 @@
 """The tables as SQLAlchemy Core objects: what the migrations must build (a test compares them
 with a migrated database) and what Python code may query with."""
 from sqlalchemy import (BigInteger, Boolean, CheckConstraint, Column, DateTime, ForeignKey, Identity,
-                        Index, Integer, MetaData, String, Table, Text, UniqueConstraint, text)
+                        Index, Integer, LargeBinary, MetaData, String, Table, Text, UniqueConstraint, text)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 metadata = MetaData()
@@ -40,6 +40,7 @@ jobs = Table(
     CheckConstraint(_status_check),
     Index("jobs_status_idx", "status"),
     Index("jobs_current_step_idx", "current_step"),
+    Index("jobs_updated_at_idx", "updated_at"),
 )
 
 job_inputs = Table(
@@ -92,6 +93,7 @@ stage_tasks = Table(
     Column("status", Text, nullable=False, server_default=text("'queued'::text")),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("max_attempts", Integer, nullable=False),
+    Column("expired_leases", Integer, nullable=False, server_default=text("0")),
     Column("run_after", DateTime(timezone=True), nullable=False, server_default=_now()),
     Column("lease_owner", Text),
     Column("lease_expires_at", DateTime(timezone=True)),
@@ -107,6 +109,8 @@ stage_tasks = Table(
           postgresql_where=text("job_variants_id IS NULL")),
     Index("stage_tasks_claimable_idx", "stage", "run_after", "id", postgresql_where=text("status = 'queued'")),
     Index("stage_tasks_running_lease_idx", "lease_expires_at", postgresql_where=text("status = 'running'")),
+    Index("stage_tasks_expired_queued_idx", "stage", "run_after",
+          postgresql_where=text("status = 'queued' AND expired_leases > 0")),
     Index("stage_tasks_job_idx", "job_id"),
     Index("stage_tasks_failed_idx", "finished_at", postgresql_where=text("status = 'failed'")),
 )
@@ -123,4 +127,13 @@ stage_results = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now()),
     Index("stage_results_variant_idx", "job_variants_id"),
     Index("stage_results_job_idx", "job_id"),
+)
+
+artifacts = Table(
+    "artifacts", metadata,
+    Column("key", Text, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    Column("byte_size", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now()),
+    Index("artifacts_created_at_idx", "created_at"),
 )

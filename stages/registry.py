@@ -108,12 +108,13 @@ def build_registry(profile: str | None = None, device: str = "cpu") -> dict[str,
         StageSpec("ocr_eval", _per_input("ocr_eval"), "cpu"),
         StageSpec("readability_eval", _per_input("readability_eval"), "cpu"),
         StageSpec("iou_eval", _per_input("iou_eval"), "cpu"),
-        # The translation model lives with the other models in the GPU worker: CPU workers stay
-        # free for OCR, which dominates their time, and no CPU worker holds a 230M-parameter model.
+        # One translation per job (not per variant), about a second on a CPU: it runs in the CPU
+        # pool, as the database's stage_graph routes it, so the GPU pool can scale to zero as
+        # soon as the last vlm_judge is done.
         StageSpec(
             "ad_copy_gen_kor",
             _per_input("ad_copy_gen_kor", **model),
-            "gpu",
+            "cpu",
             1,
             _warm("ad_copy_gen_kor", profile, device),
         ),

@@ -6,6 +6,7 @@ Markers in the ad copy (any number, space-separated):
   FLAKY:<stage>:<n>        the stage raises a retryable error on its first n attempts
   SLEEP:<stage>:<secs>     the stage sleeps first
   CRASH:<stage>            the stage kills its own process (os._exit), every attempt
+  ARTIFACTS                every stage reads all earlier artifacts and writes one of its own
 """
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ def make_stage(stage: str):
         if "FLAKY" in marks and inp.attempt <= int(marks["FLAKY"]):
             raise RuntimeError(f"test stage {stage}: planted transient failure at attempt {inp.attempt}")
         result = {"stage": stage, "attempt": inp.attempt, "pid": os.getpid(), "seen": sorted(inp.results)}
+        if "ARTIFACTS" in inp.ad_copy.split():
+            # Read every earlier stage's artifact (on whichever worker wrote it), write our own.
+            earlier = [r for r in inp.results.values()] + [
+                r for v in inp.variants.values() for r in v["results"].values()]
+            result["read_bytes"] = sum(len(inp.read_artifact(k)) for r in earlier
+                                       for k in r.get("artifacts", {}).values())
+            return StageOutput(result=result, artifacts={f"{stage}.bin": f"{stage}:{inp.attempt}".encode()})
         if inp.variant_id is None:
             result["variants"] = {vid: v["status"] for vid, v in inp.variants.items()}
         return StageOutput(result=result)

@@ -17,10 +17,14 @@ def insert_job(conn, tenant="acme", copy="Buy one, get one free", variants=3, st
     return job_id, vids
 
 
-def claim(conn, owner="w1", stages=None, limit=10, lease=30.0, task_id=None):
+def claim(conn, owner="w1", stages=None, limit=10, lease=30.0, task_id=None, alone=True, rows_out=None):
+    """alone: the claimer has nothing in flight (it may take a task that must run alone)."""
     stages = stages or ["vlm_analyze", "yolo_detect", "planner", "overlay", "vlm_judge", "ocr_eval",
                         "readability_eval", "iou_eval", "ad_copy_gen_kor", "instagram_feed_gen"]
-    rows = conn.execute("SELECT * FROM outbox_claim(%s, %s, %s, %s, %s)", (owner, stages, limit, lease, task_id)).fetchall()
+    rows = conn.execute("SELECT * FROM outbox_claim(%s, %s, %s, %s, %s, %s)",
+                        (owner, stages, limit, lease, task_id, alone)).fetchall()
+    if rows_out is not None:
+        rows_out.extend(rows)
     return [r for r in rows if r["id"] is not None]
 
 

@@ -148,3 +148,25 @@ def test_retry_delay_grows_with_jitter_and_cap():
     assert 1.0 <= delays[0] <= 2.0 and 2.0 <= delays[1] <= 4.0 and 4.0 <= delays[2] <= 8.0
     assert 30.0 <= delays[4] <= 60.0
     assert len({round(queue.retry_delay(3, 2.0, 60.0), 6) for _ in range(20)}) > 1
+
+
+def test_a_task_that_lost_its_worker_runs_its_last_attempt_alone(conn):
+    """Crash isolation: after its worker died under it, a task's last attempt is claimed only by
+    a worker with nothing in flight, alone; busy workers claim nothing meanwhile and are told."""
+    insert_job(conn, variants=1)
+    for attempt in (1, 2):
+        [task] = claim(conn, owner=f"dead{attempt}", lease=0.01)
+        time.sleep(0.03)
+        assert [r["outcome"] for r in conn.execute(queue.RESCUE_EXPIRED, (100,)).fetchall()] == ["requeued"]
+    insert_job(conn, variants=2)  # innocent work, queued behind the suspect
+    rows = []
+    assert claim(conn, owner="busy", alone=False, rows_out=rows) == []
+    assert queue.suspect_waiting(rows)
+    rows = []
+    [alone] = claim(conn, owner="idle", alone=True, rows_out=rows)
+    assert alone["id"] == task["id"] and alone["attempt"] == 3 and alone["alone"] is True
+    assert not queue.suspect_waiting(rows)
+    others = claim(conn, owner="busy", alone=False)
+    assert len(others) == 2 and not any(r["alone"] for r in others)
+    row = conn.execute("SELECT expired_leases FROM stage_tasks WHERE id = %s", (task["id"],)).fetchone()
+    assert row["expired_leases"] == 2

@@ -22,7 +22,7 @@ class WorkerProcess:
             [sys.executable, "-m", "workers", "start", "--registry", TEST_REGISTRY, *args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "DATABASE_URL": db_url, "JOB_STATE_LISTENER_RECONNECT_DELAY": "0.2",
-                 "PYTHONUNBUFFERED": "1", **(env or {})})
+                 "PYTHONUNBUFFERED": "1", "HEALTH_ADDR": "", **(env or {})})
 
     def signal(self, sig: signal.Signals) -> None:
         if self.proc.poll() is None:

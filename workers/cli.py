@@ -39,7 +39,9 @@ def main() -> None:
 @app.command()
 def start(
     processes: int = typer.Option(1, min=1, max=64, help="Worker processes under one supervisor."),
-    concurrency: int = typer.Option(8, min=1, max=256, help="Tasks in flight per process."),
+    concurrency: Optional[int] = typer.Option(None, min=1, max=256,
+                                              help="Tasks in flight per process (default 8; with --gpu, the largest "
+                                                   "batch of its GPU stages, so a claim can fill a batch)."),
     stages: Optional[str] = typer.Option(None, help="Comma-separated stages to claim (default: all the registry has)."),
     gpu: bool = typer.Option(False, "--gpu", help="Place GPU stages' models on CUDA (fails if CUDA is absent)."),
     models: Optional[str] = typer.Option(None, help="Model profile: real or tiny (default MODEL_PROFILE, else real)."),
@@ -49,6 +51,9 @@ def start(
     grace: float = typer.Option(30.0, min=0.0, help="Seconds to finish in-flight tasks after SIGTERM."),
     retry_base: float = typer.Option(2.0, min=0.0, help="First retry delay in seconds; doubles per attempt, with jitter."),
     retry_max: float = typer.Option(300.0, min=0.0, help="Longest retry delay in seconds."),
+    health_addr: Optional[str] = typer.Option(
+        None, "--health-addr", help="HOST:PORT for GET /healthz, /readyz, /metrics (default HEALTH_ADDR, else "
+        "127.0.0.1:8080; '' turns them off). With --processes N, process i serves on PORT+i."),
 ) -> None:
     """Start worker process(es): LISTEN, claim with SKIP LOCKED, run stages, commit results."""
     from workers.logs import setup_logging
@@ -60,17 +65,24 @@ def start(
         url = db.resolve_url()
         listen_url = config.listen_database_url(url)
         delay = config.reconnect_delay()
+        db_timeout, liveness = config.db_timeout(), config.liveness_interval()
         enabled = config.listener_enabled()
     except (config.ConfigError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
     stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    from workers import health
+
+    try:
+        health_addr = health.offset_addr(health.resolve_addr(health_addr), int(os.environ.get(health.SLOT_ENV) or 0))
+    except (health.AddressError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--health-addr")
     if processes > 1:
         from workers.supervisor import supervise
 
-        child = ["start", "--concurrency", str(concurrency), "--registry", registry, "--lease", str(lease),
+        child = ["start", *(["--concurrency", str(concurrency)] if concurrency else []), "--registry", registry, "--lease", str(lease),
                  "--grace", str(grace), "--retry-base", str(retry_base), "--retry-max", str(retry_max), *(["--stages", stages] if stages else []), *(["--gpu"] if gpu else []),
-                 *(["--models", models] if models else [])]
+                 *(["--models", models] if models else []), "--health-addr", health_addr]
         env = {**os.environ, "DATABASE_URL": url}
         raise typer.Exit(supervise(child, processes, env, grace))
     if not enabled:
@@ -81,6 +93,16 @@ def start(
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         signal.sigwait({signal.SIGTERM, signal.SIGINT})
         return
+    import signal
+
+    def stop_before_start(signum, _frame):
+        # Until Worker.run puts its graceful handlers in place, SIGTERM ends the process at once,
+        # cleanly (exit 0): nothing is claimed yet, and loading models can take minutes. A
+        # worker stopped while starting (a rolling update, a scale-down) is not a failure.
+        log.info("stopped by %s while starting", signal.Signals(signum).name)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop_before_start)
     device = "cuda" if gpu else "cpu"
     try:
         built = load_registry(registry, models, device)
@@ -97,9 +119,14 @@ def start(
     except Exception as exc:
         log.error("cannot start: %s", exc)
         raise typer.Exit(2)
+    if concurrency is None:
+        batches = [built[name].max_batch for name in stage_list or list(built) if built[name].device == "gpu"]
+        concurrency = max(batches) if gpu and batches else 8
     settings = WorkerSettings(url=url, listen_url=listen_url, stages=stage_list, concurrency=concurrency,
                               lease_s=lease, heartbeat_s=lease / 3, grace_s=grace, reconnect_delay_s=delay,
-                              retry_base_s=retry_base, retry_max_s=retry_max, worker_id=worker_id)
+                              db_timeout_s=db_timeout, liveness_s=liveness,
+                              retry_base_s=retry_base, retry_max_s=retry_max, worker_id=worker_id,
+                              health_addr=health_addr)
     from workers.runner import TaskRunner
 
     worker = Worker(settings, built, TaskRunner(open_store(), config.asset_root()))

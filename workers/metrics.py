@@ -1,7 +1,7 @@
 """Worker metrics (Prometheus): one registry per worker process."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -19,3 +19,20 @@ class Metrics:
         self.lease_rescues = Counter("adflow_lease_rescues", "Expired leases of other workers recovered", registry=r)
         self.reconnects = Counter("adflow_listener_reconnects", "Listener reconnect attempts", registry=r)
         self.notifications = Counter("adflow_notifications_received", "Notifications received", registry=r)
+        # Gauges refreshed when /metrics is scraped (workers/health.py): the queue ones from one
+        # query over the claimable partial index, the GPU ones only if torch already runs CUDA.
+        self.listener_connected = Gauge("adflow_listener_connected",
+                                        "1 while the worker's LISTEN connection is up", registry=r)
+        self.ready = Gauge("adflow_worker_ready", "1 while /readyz would answer 200", registry=r)
+        self.in_flight = Gauge("adflow_tasks_in_flight", "Tasks this worker holds now", registry=r)
+        self.queue_depth = Gauge("adflow_queue_depth", "Claimable tasks (queued, run_after passed) by stage",
+                                 ["stage"], registry=r)
+        self.queue_delayed = Gauge("adflow_queue_delayed", "Queued tasks waiting for their retry time by stage",
+                                   ["stage"], registry=r)
+        self.queue_oldest_age = Gauge("adflow_queue_oldest_age_seconds",
+                                      "Seconds the oldest claimable task of the stage has been claimable",
+                                      ["stage"], registry=r)
+        self.gpu_memory_allocated = Gauge("adflow_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated",
+                                          ["device"], registry=r)
+        self.gpu_memory_reserved = Gauge("adflow_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved",
+                                         ["device"], registry=r)

@@ -6,9 +6,20 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from outbox.artifacts import ArtifactStore, artifact_key
+from dataclasses import dataclass, field
+
+from outbox.artifacts import ArtifactStore, artifact_key, check_size
 from outbox.queue import ClaimedTask
 from stages.contract import PermanentStageError, StageInput, StageOutput, StageSpec
+
+@dataclass
+class Completed:
+    """A stage's output ready to commit: its JSON result and, for stores in the database, the
+    artifacts (key -> bytes) to write in the completion transaction."""
+
+    result: dict
+    pending_artifacts: dict[str, bytes] = field(default_factory=dict)
+
 
 class TaskRunner:
     def __init__(self, store: ArtifactStore, asset_root: Path):
@@ -55,10 +66,10 @@ class TaskRunner:
             variants=row["variants"] or {},
             read_artifact=lambda key, tenant=task.tenant_id: self.read_artifact(key, tenant))
 
-    def run(self, spec: StageSpec, tasks: Sequence[ClaimedTask]) -> list[dict | BaseException]:
-        """Runs one batch of a stage (in a worker thread). Position by position: the JSON result
-        to commit, or the exception that task failed with."""
-        outcomes: list[dict | BaseException | None] = [None] * len(tasks)
+    def run(self, spec: StageSpec, tasks: Sequence[ClaimedTask]) -> list[Completed | BaseException]:
+        """Runs one batch of a stage (in a worker thread). Position by position: what to commit,
+        or the exception that task failed with."""
+        outcomes: list[Completed | BaseException | None] = [None] * len(tasks)
         inputs, positions = [], []
         for i, task in enumerate(tasks):
             try:
@@ -74,14 +85,19 @@ class TaskRunner:
                 outcomes[i] = output if isinstance(output, BaseException) else self._finish(tasks[i], output)
         return outcomes
 
-    def _finish(self, task: ClaimedTask, output: StageOutput) -> dict | BaseException:
+    def _finish(self, task: ClaimedTask, output: StageOutput) -> Completed | BaseException:
+        pending: dict[str, bytes] = {}
         try:
             result = dict(output.result)
             if output.artifacts:
                 keys = {}
                 for name, data in output.artifacts.items():
                     key = artifact_key(task.tenant_id, task.job_id, task.variant_id, task.stage, task.attempt, name)
-                    self.store.put(key, data)
+                    if self.store.in_database:
+                        check_size(self.store, key, data)
+                        pending[key] = data
+                    else:
+                        self.store.put(key, data)
                     keys[name] = key
                 result["artifacts"] = keys
             encoded = json.dumps(result, allow_nan=False)
@@ -91,4 +107,4 @@ class TaskRunner:
             return exc
         if "\\u0000" in encoded:
             return PermanentStageError(f"stage {task.stage} returned text with NUL characters, which PostgreSQL cannot store")
-        return result
+        return Completed(result, pending)

@@ -24,7 +24,9 @@ def supervise(child_argv: list[str], processes: int, env: dict[str, str], grace_
     failures = [0] * processes
 
     def spawn(slot: int) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", "workers", *child_argv], env=env, preexec_fn=_die_with_parent)
+        # The slot moves each child's health port (--health-addr PORT + slot).
+        proc = subprocess.Popen([sys.executable, "-m", "workers", *child_argv], env={**env, "ADFLOW_WORKER_SLOT": str(slot)},
+                                preexec_fn=_die_with_parent)
         children[proc.pid] = (slot, proc, time.monotonic())
         log.info("worker process %d started (pid %d)", slot, proc.pid)
 

@@ -7,6 +7,7 @@ its listening socket and sends no query at all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -25,7 +26,8 @@ from outbox import db, queue
 from outbox.queue import ClaimedTask
 from stages.contract import PermanentStageError, StageSpec
 from workers.metrics import Metrics
-from workers.runner import TaskRunner
+from outbox.artifacts import INSERT_ARTIFACT
+from workers.runner import Completed, TaskRunner
 
 log = logging.getLogger("workers")
 
@@ -51,12 +53,21 @@ class WorkerSettings:
     concurrency: int = 8
     lease_s: float = 30.0
     heartbeat_s: float = 10.0
+    # Bound on one database operation (claim, completion, heartbeat, ...) and on the listening
+    # connection's liveness query: a connection that stopped answering fails instead of hanging.
+    db_timeout_s: float = 30.0
+    # Seconds of silence on the listening connection before it is asked to answer (SELECT 1):
+    # a half-open connection behind something that still acknowledges delivers nothing, and TCP
+    # keepalives cannot tell. See docs/reliability.md for the bound this gives.
+    liveness_s: float = 30.0
     grace_s: float = 30.0
     reconnect_delay_s: float = 5.0
     reconnect_max_s: float = 60.0
     retry_base_s: float = 2.0
     retry_max_s: float = 300.0
     worker_id: str = field(default_factory=new_worker_id)
+    selftest_s: float = 5.0  # how long the start-up notification may take to come back
+    health_addr: str | None = None  # HOST:PORT of /healthz, /readyz, /metrics (workers/health.py)
 
 
 class Worker:
@@ -81,6 +92,11 @@ class Worker:
         # and an extra wake would only cost an empty claim.
         self.saturated = False
         self.rescue_due = False
+        self.last_rescue = 0.0  # loop time of the last rescue
+        self.settling: set[int] = set()  # tasks whose outcome is being recorded now
+        self.orphan_deadline: float | None = None  # when our unrecorded tasks' leases have run out
+        self.alone_task: int | None = None  # a task running alone (crash isolation)
+        self.wait_idle = False  # a task waits to run alone: claim again once nothing is in flight
         self.listener_connected = False
         self.connected_once = False
         self.ready = False
@@ -100,7 +116,7 @@ class Worker:
                 pass  # not the main thread (tests drive the worker in-process)
         self.pool = AsyncConnectionPool(
             self.settings.url, min_size=1, max_size=self.settings.concurrency + 3, open=False,
-            kwargs={"autocommit": True, "row_factory": psycopg.rows.dict_row, **db.KEEPALIVE_KWARGS})
+            kwargs=db.POOL_KWARGS)
         await self.pool.open(wait=False)
         try:
             await self._check_graph()
@@ -109,6 +125,9 @@ class Worker:
             raise
         log.info("worker %s started: stages %s, concurrency %d", self.owner, ",".join(self.stages),
                  self.settings.concurrency)
+        from workers.health import start_health_server
+
+        health = await start_health_server(self, self.settings.health_addr)  # before LISTEN: probes see it start
         side_tasks = {
             asyncio.create_task(self._listen(), name="listener"),
             asyncio.create_task(self._dispatch(), name="dispatcher"),
@@ -130,6 +149,8 @@ class Worker:
         for task in side_tasks | {stop_wait}:
             task.cancel()
         await asyncio.gather(*side_tasks, stop_wait, return_exceptions=True)
+        if health:
+            await health.close()
         await self.pool.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("worker %s stopped", self.owner)
@@ -141,14 +162,14 @@ class Worker:
         self.wake, self.stop_event, self.completions = asyncio.Event(), asyncio.Event(), asyncio.Queue()
         self.listener_connected = True
         async with AsyncConnectionPool(self.settings.url, min_size=1, max_size=3, open=False,
-                                       kwargs={"autocommit": True, "row_factory": psycopg.rows.dict_row}) as pool:
+                                       kwargs=db.POOL_KWARGS) as pool:
             self.pool = pool
             await self._check_graph()
             flusher = asyncio.create_task(self._flush_completions())
             try:
                 async with pool.connection() as conn:
                     rows = await (await conn.execute(
-                        queue.CLAIM, (self.owner, self.stages, 1, self.settings.lease_s, task_id))).fetchall()
+                        queue.CLAIM, (self.owner, self.stages, 1, self.settings.lease_s, task_id, True))).fetchall()
                 tasks, _ = queue.split_claim(rows)
                 if not tasks:
                     return "not claimable"
@@ -171,8 +192,18 @@ class Worker:
             self.stop_event.set()
             self.wake.set()
 
+    @contextlib.asynccontextmanager
+    async def _db(self):
+        """A pooled connection for one engine operation, bounded by db_timeout_s. A connection that
+        stopped answering (half-open, a stuck middlebox, a frozen server) fails the operation with
+        TimeoutError instead of hanging it forever; psycopg then cancels the query or, failing that
+        within 10 s, closes the connection, and the pool replaces it."""
+        async with asyncio.timeout(self.settings.db_timeout_s):
+            async with self.pool.connection() as conn:
+                yield conn
+
     async def _check_graph(self) -> None:
-        async with self.pool.connection() as conn:
+        async with self._db() as conn:
             exists = await (await conn.execute("SELECT to_regclass('stage_graph') IS NOT NULL AS ok")).fetchone()
             if not exists["ok"]:
                 raise WorkerStartError("the database has no pipeline schema: run `cli.py db upgrade` first")
@@ -187,20 +218,37 @@ class Worker:
             raise WorkerStartError(f"no implementation registered for stage(s) {', '.join(missing)}")
         if not wanted:
             raise WorkerStartError("no stage to run: the registry implements none of the graph's stages")
-        self.stages = wanted
+        for stage in wanted:
+            if self.registry[stage].device != known[stage]["device"]:
+                log.warning("stage %s is a %s stage in the registry, but the stage graph (which pools and KEDA "
+                            "follow) routes it to the %s pool",
+                            stage, self.registry[stage].device, known[stage]["device"])
+        # Later pipeline stages first: a claim takes work that finishes jobs in flight before
+        # work that starts new ones (see outbox_claim).
+        position = {stage: i for i, stage in enumerate(known)}
+        self.stages = sorted(wanted, key=position.__getitem__, reverse=True)
         self.timeouts = {s: float(known[s]["timeout_s"]) for s in wanted}
 
     async def _drain_and_hand_back(self, side_tasks: set[asyncio.Task]) -> None:
-        if self.executions:
-            await asyncio.wait(self.executions, timeout=self.settings.grace_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.grace_s
+        # A claim in flight ends first: what it took is then run (or handed back below), not
+        # left running under our name until its lease runs out (or cancelled mid-claim).
+        dispatcher = [t for t in side_tasks if t.get_name() == "dispatcher" and not t.done()]
+        if dispatcher:
+            self.kick()
+            await asyncio.wait(dispatcher, timeout=self.settings.db_timeout_s)
+        # Executions started meanwhile count too: wait until none is left or the grace is over.
+        while self.executions and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self.executions), timeout=left)
         leftover = list(self.in_flight)
         if not leftover:
             return
         try:
-            async with self.pool.connection() as conn:
+            async with self._db() as conn:
                 rows = await (await conn.execute(queue.HAND_BACK, (self.owner, leftover))).fetchall()
             log.warning("handed back %d unfinished task(s) at shutdown: %s", len(rows), [r["id"] for r in rows])
-        except psycopg.Error as exc:
+        except (psycopg.Error, TimeoutError) as exc:
             log.error("could not hand back %d task(s) (%s); their leases will expire and another worker takes them",
                       len(leftover), exc)
 
@@ -215,19 +263,30 @@ class Worker:
                 async with conn:
                     await conn.execute(f"LISTEN {queue.WORKER_CHANNEL}")
                     log.info("[LISTENER] LISTEN started on %s (%s)", queue.WORKER_CHANNEL, db.safe_url(url))
+                    if not self.connected_once:
+                        await self._self_test(conn, stage_set)
                     if self.connected_once:
-                        await self.pool.check()  # the server may have restarted: drop dead pooled connections
+                        # The server may have restarted, or the old connections gone half-open:
+                        # replace every pooled connection (those in use when they come back).
+                        # Not pool.check(): it tests them one by one, and one that stopped
+                        # answering would hold it (and the connections it took out) for good.
+                        await self.pool.drain()
                     self.connected_once = True
                     self.listener_connected = True
                     self.ready = True
                     delay = self.settings.reconnect_delay_s
                     self.rescue_due = True
                     self.kick()  # drain: anything enqueued while we were away is claimed now
-                    async for note in conn.notifies():
-                        self.metrics.notifications.inc()
-                        if note.payload in stage_set:
-                            log.debug("[LISTENER] task queued for stage %s", note.payload)
-                            self.kick()
+                    while not self.stopping:
+                        heard = False
+                        async for note in conn.notifies(timeout=self.settings.liveness_s):
+                            heard = True
+                            self.metrics.notifications.inc()
+                            if note.payload in stage_set:
+                                log.debug("[LISTENER] task queued for stage %s", note.payload)
+                                self.kick()
+                        if not heard:
+                            await self._check_alive(conn)
             except (psycopg.OperationalError, OSError) as exc:
                 self.listener_connected = False
                 if self.stopping:
@@ -241,6 +300,40 @@ class Worker:
                     pass
                 delay = min(delay * 2, self.settings.reconnect_max_s)
 
+    async def _self_test(self, conn: psycopg.AsyncConnection, stage_set: set[str]) -> None:
+        """Sends ourselves a notification through the pool and waits for it on the listening
+        connection. A listener behind a transaction-mode pooler LISTENs on a server connection it
+        gives straight back, and then hears nothing, ever: better to stop now, saying why."""
+        token = f"selftest {self.owner}"
+        async with self._db() as pooled:
+            await pooled.execute("SELECT pg_notify(%s, %s)", (queue.WORKER_CHANNEL, token))
+        async for note in conn.notifies(timeout=self.settings.selftest_s):
+            if note.payload == token:
+                return
+            if note.payload in stage_set:
+                self.kick()
+        message = (f"[LISTENER] a test notification sent at start did not arrive within {self.settings.selftest_s:g} s: "
+                   "the listening connection does not receive notifications. Is LISTEN_DATABASE_URL (or DATABASE_URL) "
+                   "pointing at a pooler in transaction mode? Point LISTEN_DATABASE_URL straight at PostgreSQL.")
+        log.error(message)
+        raise WorkerStartError(message)
+
+    async def _check_alive(self, conn: psycopg.AsyncConnection) -> None:
+        """liveness_s of silence: the listening connection must answer within db_timeout_s, else
+        it counts as lost. The probe is a bare protocol Sync (an empty pipeline), not a query:
+        the server answers ReadyForQuery without starting a transaction, so an idle worker still
+        runs no statement and commits nothing (pg_stat_database.xact_commit stays put)."""
+        async def ping() -> None:
+            async with conn.pipeline() as pipeline:
+                await pipeline.sync()
+
+        try:
+            await asyncio.wait_for(ping(), self.settings.db_timeout_s)
+        except TimeoutError:
+            raise psycopg.OperationalError(
+                f"the listening connection did not answer a liveness probe within {self.settings.db_timeout_s:g} s "
+                "(half-open connection?)") from None
+
     def kick(self) -> None:
         self.wake.set()
 
@@ -249,11 +342,17 @@ class Worker:
         loop = asyncio.get_running_loop()
         failures = 0
         while not self.stopping:
-            timeout = None if self.deadline is None else max(0.0, self.deadline - loop.time())
+            # orphan_deadline: see _settle. Not while disconnected (nothing to do then: the
+            # reconnect kicks us, and the deadline stays for afterwards).
+            wake_at = min((d for d in (self.deadline, self.orphan_deadline if self.listener_connected else None)
+                           if d is not None), default=None)
+            timeout = None if wake_at is None else max(0.0, wake_at - loop.time())
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout)
             except asyncio.TimeoutError:
                 self.rescue_due = True
+            if wake_at is not None and loop.time() >= wake_at:
+                self.rescue_due = True  # woken by a notification just as the deadline passed
             self.wake.clear()
             if self.stopping or not self.listener_connected:
                 # Without a listener we could miss work; the reconnect kicks us once it is back.
@@ -262,7 +361,7 @@ class Worker:
             try:
                 await self._fill()
                 failures = 0
-            except (psycopg.OperationalError, PoolTimeout) as exc:
+            except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, TimeoutError) as exc:
                 failures += 1
                 backoff = min(self.settings.reconnect_delay_s * failures, self.settings.reconnect_max_s)
                 log.warning("claim failed (%s); trying again in %.1f s", str(exc).strip() or type(exc).__name__, backoff)
@@ -270,24 +369,42 @@ class Worker:
 
     async def _fill(self) -> None:
         loop = asyncio.get_running_loop()
-        async with self.pool.connection() as conn:
-            if self.rescue_due:
+        async with self._db() as conn:
+            # Also at most every heartbeat interval while busy: a worker that keeps being woken
+            # by notifications, or whose slots are full (it then learns no deadline), never times
+            # out waiting, and under steady load another worker's expired lease would otherwise
+            # wait for a lull to be rescued (found by the fault suite: 20 s and more in soak).
+            if self.rescue_due or loop.time() - self.last_rescue >= self.settings.heartbeat_s:
                 self.rescue_due = False
+                self.last_rescue = loop.time()
                 rescued = await (await conn.execute(queue.RESCUE_EXPIRED, (1000,))).fetchall()
+                if self.orphan_deadline is not None and loop.time() >= self.orphan_deadline:
+                    self.orphan_deadline = None
                 for row in rescued:
                     log.warning("recovery: task %s had an expired lease: %s", row["id"], row["outcome"])
                     self.metrics.lease_rescues.inc()
             seconds = None
             while not self.stopping:
+                if self.alone_task is not None or (self.wait_idle and self.in_flight):
+                    # Crash isolation (outbox_claim): a task runs alone here, or one waits to run
+                    # alone and we take nothing until ours have finished (the last one kicks us).
+                    self.deadline = None
+                    return
                 free = self.settings.concurrency - len(self.in_flight)
                 if free <= 0:
                     self.saturated = True
                     self.deadline = None  # a completion will wake us
                     return
-                rows = await (await conn.execute(
-                    queue.CLAIM, (self.owner, self.stages, free, self.settings.lease_s, None))).fetchall()
+                rows = await (await conn.execute(queue.CLAIM, (
+                    self.owner, self.stages, free, self.settings.lease_s, None, not self.in_flight))).fetchall()
                 tasks, seconds = queue.split_claim(rows)
+                self.wait_idle = queue.suspect_waiting(rows)
                 self._start(tasks)
+                if tasks and tasks[0].alone:
+                    self.alone_task = tasks[0].id
+                    log.warning("task %s (%s, %s) lost its worker before and this is its last attempt: it runs "
+                                "alone", tasks[0].id, tasks[0].stage, tasks[0].subject, extra=task_fields(tasks[0]))
+                    continue
                 if len(tasks) < free:
                     self.saturated = False
                     break
@@ -337,6 +454,7 @@ class Worker:
             self.kick()
 
     async def _settle(self, task: ClaimedTask, outcome, elapsed: float) -> None:
+        self.settling.add(task.id)
         try:
             if isinstance(outcome, BaseException):
                 await self._fail(task, outcome)
@@ -354,13 +472,25 @@ class Worker:
                                 extra=task_fields(task))
         except Exception as exc:
             log.error("could not record the outcome of task %s (%s): %s; its lease will expire and it runs again",
-                      task.id, task.stage, exc, extra=task_fields(task))
+                      task.id, task.stage, str(exc).strip() or type(exc).__name__, extra=task_fields(task))
+            # The task stays running under our name, no longer renewed. The database leaves our
+            # own leases out of the deadline it gives us (we renew them), so wake when this one has
+            # run out and rescue it: a lone worker would otherwise leave it running forever.
+            when = asyncio.get_running_loop().time() + self.settings.lease_s + MIN_DEADLINE_WAIT_S
+            self.orphan_deadline = max(self.orphan_deadline or 0.0, when)
+            self.kick()
         finally:
             self.in_flight.pop(task.id, None)
+            self.settling.discard(task.id)
+            if task.id == self.alone_task:
+                self.alone_task = None
+                self.kick()
+            elif self.wait_idle and not self.in_flight:
+                self.kick()  # idle now: take the task that waits to run alone
 
-    async def _complete(self, task: ClaimedTask, result: dict) -> bool:
+    async def _complete(self, task: ClaimedTask, done: Completed) -> bool:
         future = asyncio.get_running_loop().create_future()
-        await self.completions.put((task, result, future))
+        await self.completions.put((task, done, future))
         return await future
 
     async def _flush_completions(self) -> None:
@@ -370,10 +500,22 @@ class Worker:
             batch = [await self.completions.get()]
             while not self.completions.empty() and len(batch) < COMPLETION_BATCH:
                 batch.append(self.completions.get_nowait())
-            items = Jsonb([{"id": t.id, "attempt": t.attempt, "result": r} for t, r, _ in batch])
+            items = Jsonb([{"id": t.id, "attempt": t.attempt, "result": d.result} for t, d, _ in batch])
+            pending = [(key, data, len(data)) for _, d, _ in batch for key, data in d.pending_artifacts.items()]
             try:
-                async with self.pool.connection() as conn:
-                    row = await (await conn.execute(queue.COMPLETE_MANY, (self.owner, items))).fetchone()
+                async with self._db() as conn:
+                    if pending:
+                        # Artifacts in the database commit with their results, or not at all.
+                        async with conn.transaction():
+                            async with conn.cursor() as cur:
+                                await cur.executemany(INSERT_ARTIFACT, pending)
+                            row = await (await conn.execute(queue.COMPLETE_MANY, (self.owner, items))).fetchone()
+                            dropped = [key for t, d, _ in batch if t.id not in set(row["accepted"])
+                                       for key in d.pending_artifacts]
+                            if dropped:
+                                await conn.execute("DELETE FROM artifacts WHERE key = ANY (%s)", (dropped,))
+                    else:
+                        row = await (await conn.execute(queue.COMPLETE_MANY, (self.owner, items))).fetchone()
                 accepted = set(row["accepted"])
                 for task, _, future in batch:
                     future.set_result(task.id in accepted)
@@ -387,7 +529,7 @@ class Worker:
         details = getattr(exc, "details", None) or None
         message = f"{type(exc).__name__}: {exc}" if not permanent else str(exc)
         delay = queue.retry_delay(task.attempt, self.settings.retry_base_s, self.settings.retry_max_s)
-        async with self.pool.connection() as conn:
+        async with self._db() as conn:
             row = await (await conn.execute(queue.FAIL, (
                 task.id, self.owner, task.attempt, message[:10000], Jsonb(details) if details else None,
                 permanent, delay))).fetchone()
@@ -414,13 +556,15 @@ class Worker:
             if not ids:
                 continue
             try:
-                async with self.pool.connection() as conn:
+                async with self._db() as conn:
                     rows = await (await conn.execute(queue.HEARTBEAT, (self.owner, ids, self.settings.lease_s))).fetchall()
-            except (psycopg.OperationalError, PoolTimeout) as exc:
+            except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, TimeoutError) as exc:
                 log.warning("heartbeat failed (%s); leases run out in %.0f s unless the database comes back",
                             exc, self.settings.lease_s)
                 continue
-            lost = set(ids) - {r["id"] for r in rows} - (set(ids) - set(self.in_flight))
+            # Not lost: tasks that left in_flight meanwhile, or whose completion is being recorded
+            # (it may have committed, ending the lease, just before this heartbeat).
+            lost = set(ids) - {r["id"] for r in rows} - (set(ids) - set(self.in_flight)) - self.settling
             for task_id in lost:
                 task = self.in_flight.get(task_id)
                 if task:

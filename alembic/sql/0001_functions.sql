@@ -67,6 +67,10 @@ END $$;
 -- finisher waits here until the first commits, and its count (a new statement, hence a new
 -- snapshot under READ COMMITTED) then sees the first one's variant finished. So two variants
 -- finishing at once can neither both miss nor both fire the job-level stage.
+-- FOR NO KEY UPDATE, not FOR UPDATE: each finisher already holds a FOR KEY SHARE lock on the job
+-- row (the foreign-key checks of its stage_results and stage_tasks inserts), and FOR UPDATE
+-- conflicts with KEY SHARE, so two finishers would each wait for the other: a deadlock (found
+-- by the fault suite). NO KEY UPDATE still excludes a second fan-in, and not the KEY SHARE.
 CREATE FUNCTION outbox_fan_in(p_job uuid) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     v_job jobs%ROWTYPE;
@@ -74,7 +78,7 @@ DECLARE
     v_open bigint;
     v_done bigint;
 BEGIN
-    SELECT * INTO v_job FROM jobs WHERE job_id = p_job FOR UPDATE;
+    SELECT * INTO v_job FROM jobs WHERE job_id = p_job FOR NO KEY UPDATE;
     IF NOT FOUND OR v_job.status IN ('cancelled', 'failed')
        OR (v_job.current_step = v_last AND v_job.status = 'done')
        OR v_job.current_step IN (SELECT stage FROM stage_graph WHERE level = 'job') THEN
@@ -165,11 +169,13 @@ CREATE TRIGGER outbox_task_queued_trigger
 CREATE FUNCTION outbox_set_owner_state(p_task stage_tasks, p_status text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- A cancelled variant or job stays cancelled whatever a late worker reports.
     IF p_task.job_variants_id IS NOT NULL THEN
         UPDATE jobs_variants SET current_step = p_task.stage, status = p_status
-        WHERE job_variants_id = p_task.job_variants_id;
+        WHERE job_variants_id = p_task.job_variants_id AND status IS DISTINCT FROM 'cancelled';
     ELSE
-        UPDATE jobs SET current_step = p_task.stage, status = p_status WHERE job_id = p_task.job_id;
+        UPDATE jobs SET current_step = p_task.stage, status = p_status
+        WHERE job_id = p_task.job_id AND status <> 'cancelled';
     END IF;
 END $$;
 
@@ -178,24 +184,64 @@ END $$;
 -- (stage, running) in this same transaction. Each row carries the task's inputs (ad copy, image
 -- asset, earlier results), and when fewer than p_limit were claimable, a last row with a NULL id
 -- carries next_deadline_s (see outbox_next_deadline): one round trip whatever happens.
+-- Crash isolation: a task whose worker died under it (expired_leases > 0) and whose next attempt
+-- is its last runs ALONE, so that it cannot take innocent neighbours down with it again, and is
+-- failed for crashing only when it crashed alone (found by the fault suite: a poisoned task,
+-- requeued together with the tasks that died with it, was claimed together with them again and
+-- again until all of them had used up their attempts). While such a task waits, a caller with
+-- tasks in flight claims nothing and is told so (suspect_waiting); a caller with none in flight
+-- (p_alone) takes it, alone (the row's alone = true: claim nothing more until it ends).
 CREATE FUNCTION outbox_claim(p_owner text, p_stages text[], p_limit integer,
-                             p_lease_s double precision, p_task_id bigint DEFAULT NULL)
+                             p_lease_s double precision, p_task_id bigint DEFAULT NULL,
+                             p_alone boolean DEFAULT false)
 RETURNS TABLE (id bigint, job_id uuid, job_variants_id uuid, stage text, attempt integer,
                max_attempts integer, tenant_id varchar, ad_copy text, img_asset_id uuid,
                asset_uri text, asset_tenant varchar, results jsonb, variants jsonb,
-               next_deadline_s double precision)
-LANGUAGE plpgsql AS $$
+               next_deadline_s double precision, alone boolean, suspect_waiting boolean)
+-- The planner, guessing few queued rows, would rather bitmap-scan every queued row of a stage
+-- and sort them; the ordered index walk is what keeps a claim O(p_limit) under a backlog.
+LANGUAGE plpgsql SET enable_bitmapscan = off AS $$
 DECLARE
     claimed_count integer;
+    v_suspect bigint;
+    v_waiting boolean := false;
 BEGIN
+    IF p_task_id IS NULL AND p_alone THEN
+        SELECT q.id INTO v_suspect FROM stage_tasks q
+        WHERE q.status = 'queued' AND q.expired_leases > 0 AND q.attempts + 1 >= q.max_attempts
+          AND q.stage = ANY (p_stages) AND q.run_after <= now()
+          AND NOT EXISTS (SELECT 1 FROM jobs cj WHERE cj.job_id = q.job_id AND cj.status = 'cancelled')
+        ORDER BY q.run_after, q.id LIMIT 1
+        FOR UPDATE SKIP LOCKED;
+    ELSIF p_task_id IS NULL THEN
+        v_waiting := EXISTS (
+            SELECT 1 FROM stage_tasks q
+            WHERE q.status = 'queued' AND q.expired_leases > 0 AND q.attempts + 1 >= q.max_attempts
+              AND q.stage = ANY (p_stages) AND q.run_after <= now()
+              AND NOT EXISTS (SELECT 1 FROM jobs cj WHERE cj.job_id = q.job_id AND cj.status = 'cancelled'));
+    END IF;
     RETURN QUERY
+    -- Stage by stage in the order given (workers list later pipeline stages first, so jobs in
+    -- flight finish before new ones start), oldest first within a stage. Each stage's scan walks
+    -- the partial index (stage, run_after, id) in order and the LIMIT above it stops the walk:
+    -- a claim costs O(p_limit), however long the queue, and locks only the rows it takes.
     WITH picked AS (
-        SELECT t.id FROM stage_tasks t
-        WHERE t.status = 'queued' AND t.stage = ANY (p_stages) AND t.run_after <= now()
-          AND (p_task_id IS NULL OR t.id = p_task_id)
-        ORDER BY t.run_after, t.id
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
+        SELECT v_suspect AS id WHERE v_suspect IS NOT NULL
+        UNION ALL
+        (SELECT t.id
+        FROM unnest(p_stages) AS s(stage)
+        CROSS JOIN LATERAL (
+            SELECT q.id FROM stage_tasks q
+            WHERE q.status = 'queued' AND q.stage = s.stage AND q.run_after <= now()
+              AND (p_task_id IS NULL OR q.id = p_task_id)
+              AND NOT EXISTS (SELECT 1 FROM jobs cj WHERE cj.job_id = q.job_id AND cj.status = 'cancelled')
+              AND v_suspect IS NULL AND NOT v_waiting
+              AND (p_task_id IS NOT NULL OR q.expired_leases = 0 OR q.attempts + 1 < q.max_attempts)
+            ORDER BY q.run_after, q.id
+            LIMIT p_limit
+            FOR UPDATE SKIP LOCKED
+        ) t
+        LIMIT p_limit)
     ), claimed AS (
         UPDATE stage_tasks t
         SET status = 'running', attempts = t.attempts + 1, lease_owner = p_owner,
@@ -205,10 +251,10 @@ BEGIN
         RETURNING t.id, t.job_id, t.job_variants_id, t.stage, t.attempts, t.max_attempts
     ), variant_rows AS (
         UPDATE jobs_variants v SET status = 'running', current_step = c.stage
-        FROM claimed c WHERE v.job_variants_id = c.job_variants_id
+        FROM claimed c WHERE v.job_variants_id = c.job_variants_id AND v.status IS DISTINCT FROM 'cancelled'
     ), job_rows AS (
         UPDATE jobs j SET status = 'running', current_step = c.stage
-        FROM claimed c WHERE c.job_variants_id IS NULL AND j.job_id = c.job_id
+        FROM claimed c WHERE c.job_variants_id IS NULL AND j.job_id = c.job_id AND j.status <> 'cancelled'
     )
     SELECT c.id, c.job_id, c.job_variants_id, c.stage, c.attempts, c.max_attempts, j.tenant_id,
            ji.ad_copy, v.img_asset_id, ia.uri, ia.tenant_id,
@@ -227,7 +273,7 @@ BEGIN
                         '{}'::jsonb)
                    FROM jobs_variants vv WHERE vv.job_id = c.job_id)
            END,
-           NULL::double precision
+           NULL::double precision, coalesce(c.id = v_suspect, false), NULL::boolean
     FROM claimed c
     JOIN jobs j ON j.job_id = c.job_id
     LEFT JOIN job_inputs ji ON ji.job_id = c.job_id
@@ -239,7 +285,7 @@ BEGIN
         RETURN QUERY SELECT NULL::bigint, NULL::uuid, NULL::uuid, NULL::text, NULL::integer,
                             NULL::integer, NULL::varchar, NULL::text, NULL::uuid, NULL::text,
                             NULL::varchar, NULL::jsonb, NULL::jsonb,
-                            outbox_next_deadline(p_stages, p_owner);
+                            outbox_next_deadline(p_stages, p_owner), NULL::boolean, v_waiting;
     END IF;
 END $$;
 
@@ -258,6 +304,11 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    IF EXISTS (SELECT 1 FROM jobs WHERE jobs.job_id = t.job_id AND status = 'cancelled') THEN
+        UPDATE stage_tasks SET status = 'cancelled', last_error = 'job cancelled; result dropped'
+        WHERE stage_tasks.id = t.id;
+        RETURN false;
+    END IF;
     INSERT INTO stage_results (task_id, job_id, job_variants_id, stage, attempt, result)
     VALUES (t.id, t.job_id, t.job_variants_id, t.stage, t.attempts, p_result);
     -- A job-level stage that picks the winning variant says so with chosen_variant_id; the old
@@ -272,13 +323,19 @@ END $$;
 
 -- Many completions in one transaction (group commit): [{"id", "attempt", "result"}, ...].
 -- Returns the ids whose completion was accepted.
+-- The items are taken in one global order (job, then variant, then task): each completion
+-- locks its variant and, at the fan-in, its job row, so two workers' batches taken in the order
+-- they arrived could lock two jobs in opposite orders and deadlock (found by the fault suite:
+-- "deadlock detected", a whole batch lost and re-run after its leases expired).
 CREATE FUNCTION outbox_complete_many(p_owner text, p_items jsonb) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 DECLARE
     item jsonb;
     accepted bigint[] := '{}';
 BEGIN
-    FOR item IN SELECT value FROM jsonb_array_elements(p_items) LOOP
+    FOR item IN SELECT e.value FROM jsonb_array_elements(p_items) e
+                LEFT JOIN stage_tasks t ON t.id = (e.value->>'id')::bigint
+                ORDER BY t.job_id, t.job_variants_id NULLS LAST, t.id LOOP
         IF outbox_complete((item->>'id')::bigint, p_owner, (item->>'attempt')::integer,
                            item->'result') THEN
             accepted := accepted || (item->>'id')::bigint;
@@ -325,16 +382,21 @@ RETURNS TABLE (id bigint, outcome text) LANGUAGE plpgsql AS $$
 DECLARE
     t stage_tasks%ROWTYPE;
 BEGIN
+    -- Oldest expiries first, then handled in the completions' lock order (job, variant): a
+    -- task failed here locks its job row at the fan-in.
     FOR t IN
-        SELECT * FROM stage_tasks s
-        WHERE s.status = 'running' AND s.lease_expires_at < now()
-        ORDER BY s.lease_expires_at LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
+        SELECT * FROM (
+            SELECT * FROM stage_tasks s
+            WHERE s.status = 'running' AND s.lease_expires_at < now()
+            ORDER BY s.lease_expires_at LIMIT p_limit
+            FOR UPDATE SKIP LOCKED) expired
+        ORDER BY expired.job_id, expired.job_variants_id NULLS LAST, expired.id
     LOOP
         id := t.id;
         IF t.attempts >= t.max_attempts THEN
             UPDATE stage_tasks s
             SET status = 'failed', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+                expired_leases = t.expired_leases + 1,
                 last_error = format('lease expired at attempt %s of %s (worker %s stopped: crash, kill or lost connection)',
                                     t.attempts, t.max_attempts, t.lease_owner)
             WHERE s.id = t.id;
@@ -343,6 +405,7 @@ BEGIN
         ELSE
             UPDATE stage_tasks s
             SET status = 'queued', run_after = now(), lease_owner = NULL, lease_expires_at = NULL,
+                expired_leases = t.expired_leases + 1,
                 last_error = format('lease expired at attempt %s (worker %s stopped); requeued',
                                     t.attempts, t.lease_owner)
             WHERE s.id = t.id;
@@ -364,19 +427,70 @@ LANGUAGE sql STABLE AS $$
     ) - clock_timestamp())::double precision
 $$;
 
+-- SKIP LOCKED: a row locked right now is being completed, failed or rescued. Waiting for it
+-- could deadlock with the worker's own completion batch, which locks the same rows in another
+-- order (found by the fault suite); such a row is simply not renewed this time.
 CREATE FUNCTION outbox_heartbeat(p_owner text, p_ids bigint[], p_lease_s double precision)
 RETURNS SETOF bigint LANGUAGE sql AS $$
     UPDATE stage_tasks SET lease_expires_at = now() + make_interval(secs => p_lease_s)
-    WHERE id = ANY (p_ids) AND lease_owner = p_owner AND status = 'running'
+    WHERE id IN (SELECT s.id FROM stage_tasks s
+                 WHERE s.id = ANY (p_ids) AND s.lease_owner = p_owner AND s.status = 'running'
+                 FOR UPDATE SKIP LOCKED)
     RETURNING id
 $$;
 
--- A stopping worker gives back what it could not finish; attempts stay counted.
+-- A stopping worker gives back what it could not finish; attempts stay counted. SKIP LOCKED as
+-- in the heartbeat: a row locked now is being completed (its lease expires if that fails).
 CREATE FUNCTION outbox_hand_back(p_owner text, p_ids bigint[]) RETURNS SETOF bigint
 LANGUAGE sql AS $$
     UPDATE stage_tasks
     SET status = 'queued', run_after = now(), lease_owner = NULL, lease_expires_at = NULL,
         last_error = 'handed back by a stopping worker'
-    WHERE id = ANY (p_ids) AND lease_owner = p_owner AND status = 'running'
+    WHERE id IN (SELECT s.id FROM stage_tasks s
+                 WHERE s.id = ANY (p_ids) AND s.lease_owner = p_owner AND s.status = 'running'
+                 FOR UPDATE SKIP LOCKED)
     RETURNING id
 $$;
+
+-- Cancel, first transaction: lock the job's variants (waiting for changes in flight, whose
+-- triggers may still enqueue), then the job; mark the job and its unfinished variants cancelled.
+-- Taking variants before the job follows the order every other path uses (variant, then job),
+-- so cancel cannot deadlock with a completion or a fan-in.
+CREATE FUNCTION outbox_cancel_job(p_job uuid) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_job jobs%ROWTYPE;
+BEGIN
+    -- NO KEY UPDATE, as in the fan-in: concurrent inserts' foreign-key checks hold KEY SHARE.
+    PERFORM 1 FROM jobs_variants WHERE job_id = p_job ORDER BY job_variants_id FOR NO KEY UPDATE;
+    SELECT * INTO v_job FROM jobs WHERE job_id = p_job FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no job %', p_job USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v_job.status = 'cancelled' THEN
+        RAISE EXCEPTION 'job % is already cancelled', p_job USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF v_job.status = 'failed' OR (v_job.status = 'done' AND v_job.current_step IN (
+           SELECT g.stage FROM stage_graph g WHERE g.level = 'job' AND NOT EXISTS (
+               SELECT 1 FROM stage_graph n WHERE n.level = 'job' AND n.after_step = g.stage))) THEN
+        RAISE EXCEPTION 'job % already finished (% %): nothing to cancel', p_job, v_job.current_step, v_job.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE jobs SET status = 'cancelled' WHERE job_id = p_job;
+    UPDATE jobs_variants SET status = 'cancelled'
+    WHERE job_id = p_job AND NOT outbox_variant_is_terminal(status, current_step);
+END $$;
+
+-- Cancel, second transaction: the job's queued and running tasks end cancelled (a running
+-- stage's completion is then refused, like a lost lease). Separate from the first so that
+-- waiting here on a task a worker is claiming never holds the job row.
+CREATE FUNCTION outbox_cancel_tasks(p_job uuid) RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    UPDATE stage_tasks
+    SET status = 'cancelled', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+        last_error = 'job cancelled'
+    WHERE job_id = p_job AND status IN ('queued', 'running');
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;

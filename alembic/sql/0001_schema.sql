@@ -69,6 +69,9 @@ CREATE TABLE stage_tasks (
                      CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
     attempts         integer NOT NULL DEFAULT 0,
     max_attempts     integer NOT NULL,
+    -- Attempts that ended with the lease running out (the worker died, froze or lost the
+    -- database): such a task's last attempt runs alone (crash isolation, see outbox_claim).
+    expired_leases   integer NOT NULL DEFAULT 0,
     run_after        timestamptz NOT NULL DEFAULT now(),
     lease_owner      text,
     lease_expires_at timestamptz,
@@ -87,6 +90,9 @@ CREATE UNIQUE INDEX stage_tasks_job_stage_key ON stage_tasks (job_id, stage)
 CREATE INDEX stage_tasks_claimable_idx ON stage_tasks (stage, run_after, id) WHERE status = 'queued';
 -- Leases to watch for expiry (a dead worker's tasks).
 CREATE INDEX stage_tasks_running_lease_idx ON stage_tasks (lease_expires_at) WHERE status = 'running';
+-- Queued tasks whose worker died under them (usually none): the claim looks here first.
+CREATE INDEX stage_tasks_expired_queued_idx ON stage_tasks (stage, run_after)
+    WHERE status = 'queued' AND expired_leases > 0;
 CREATE INDEX stage_tasks_job_idx ON stage_tasks (job_id);
 CREATE INDEX stage_tasks_failed_idx ON stage_tasks (finished_at) WHERE status = 'failed';
 
@@ -104,3 +110,15 @@ CREATE TABLE stage_results (
 );
 CREATE INDEX stage_results_variant_idx ON stage_results (job_variants_id);
 CREATE INDEX stage_results_job_idx ON stage_results (job_id);
+
+-- The `postgres` artifact store: bytes in the same database, written in the completion
+-- transaction, readable by every replica. Keys start with the tenant id.
+CREATE TABLE artifacts (
+    key        text PRIMARY KEY,
+    data       bytea NOT NULL,
+    byte_size  bigint NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX artifacts_created_at_idx ON artifacts (created_at);
+-- Retention finds finished jobs by age.
+CREATE INDEX jobs_updated_at_idx ON jobs (updated_at);

@@ -31,7 +31,7 @@ def test_all_ten_stages_in_pipeline_order():
     )
     assert registry.VARIANT_STAGES + registry.JOB_STAGES == registry.STAGE_NAMES
     gpu = {name for name, spec in specs.items() if spec.device == "gpu"}
-    assert gpu == {"vlm_analyze", "yolo_detect", "vlm_judge", "ad_copy_gen_kor"}
+    assert gpu == {"vlm_analyze", "yolo_detect", "vlm_judge"}
     assert all(spec.name == name for name, spec in specs.items())
     assert all(spec.warm is not None for name, spec in specs.items() if name in gpu)
     assert all(spec.max_batch == 1 for name, spec in specs.items() if spec.device == "cpu")
