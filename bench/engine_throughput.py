@@ -5,7 +5,7 @@ Workload (shared/TARGETS.md): N jobs x 3 variants, 8 variant stages, fan-in, 2 j
 stage executions per job, no-op stages, 4 worker processes x 8 concurrent slots, durable
 PostgreSQL settings (fsync and synchronous_commit on). Measures stage executions per second,
 commit-to-start latency (one job at a time: an outside commit of (img_gen, done) to the first
-stage starting) and transactions per second while idle.
+stage starting) and statements per second while idle (pg_stat_statements).
 
     .venv/bin/python bench/engine_throughput.py [--jobs 200] [--rounds 3] [--pg-bin DIR]
 """
@@ -70,20 +70,19 @@ def wait_until(conn, sql, target, timeout=600):
         time.sleep(0.01)
 
 
-def idle_tx_per_s(admin, dbname, window=20.0, settle=35.0):
-    """Transactions committed in the database while its workers sit idle. VACUUM first so that
-    autovacuum has nothing left to do there. Then wait `settle` seconds: an adflow worker may wake
-    once at the lease expiry of a task it saw running elsewhere (30 s leases), and backends flush
-    their statistics within ~10 s of going idle."""
-    with psycopg.connect(conninfo=admin.info.dsn.replace(f"dbname={admin.info.dbname}", f"dbname={dbname}"),
-                         autocommit=True) as conn:
-        conn.execute("VACUUM ANALYZE")
+def idle_statements_per_s(admin, dbname, window=20.0, settle=35.0):
+    """Statements the database runs while its workers sit idle, counted by pg_stat_statements
+    (exact, per statement). pg_stat_database's transaction counter is no use here: backends that
+    were busy report their counts late, whenever they next wake, so a quiet window shows the load
+    before it. Settle first: an adflow worker may wake once at the lease expiry of a task it saw
+    running elsewhere (30 s leases)."""
     time.sleep(settle)
-    sql = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s"
+    sql = ("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+           "WHERE d.datname = %s")
     before = admin.execute(sql, (dbname,)).fetchone()[0]
     time.sleep(window)
     after = admin.execute(sql, (dbname,)).fetchone()[0]
-    return (after - before) / window
+    return float(after - before) / window
 
 
 # ------------------------------------------------------------------------------- adflow
@@ -138,7 +137,7 @@ def adflow_round(server, jobs, log_dir):
                         base + jobs)
         executions = conn.execute("SELECT count(*) FROM stage_results").fetchone()[0] - 100 * 10
         assert executions == jobs * EXECUTIONS_PER_JOB, executions
-        idle = idle_tx_per_s(admin, "bench_adflow")
+        idle = idle_statements_per_s(admin, "bench_adflow")
     finally:
         stop_workers(procs)
         conn.close()
@@ -195,7 +194,7 @@ def procrastinate_round(server, jobs, log_dir):
         asyncio.run(setup_and_defer(job_ids, variant_ids))
         t1 = wait_until(conn, f"SELECT count(*) FROM pb_jobs WHERE job_id >= {job_ids[0]} AND current_step = 'instagram_feed_gen'",
                         jobs)
-        idle = idle_tx_per_s(admin, "bench_procrastinate")
+        idle = idle_statements_per_s(admin, "bench_procrastinate")
     finally:
         stop_workers(procs)
         conn.close()
@@ -218,8 +217,11 @@ def main() -> None:
     if args.pg_bin:
         os.environ["PG_BIN_DIR"] = args.pg_bin
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    server = EmbeddedPostgres(work / "data", settings={"max_connections": "300"})
+    server = EmbeddedPostgres(work / "data", settings={"max_connections": "300",
+                                                       "shared_preload_libraries": "pg_stat_statements"})
     server.start()
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     version = psycopg.connect(server.url).execute("SHOW server_version").fetchone()[0]
     results = {"adflow": [], "procrastinate": []}
     try:
@@ -233,13 +235,13 @@ def main() -> None:
                 results[name].append(res)
                 print(f"round {r + 1} {name}: {res['throughput']:.0f} stage executions/s, "
                       f"p50 {pct(res['latencies'], 50):.2f} ms, p99 {pct(res['latencies'], 99):.2f} ms, "
-                      f"idle {res['idle']:.2f} tx/s", flush=True)
+                      f"idle {res['idle']:.2f} statements/s", flush=True)
     finally:
         server.stop()
     print(f"\nPostgreSQL {version}, durable settings, {args.jobs} jobs x {VARIANTS} variants "
           f"({EXECUTIONS_PER_JOB} stage executions per job), {PROCESSES} processes x {CONCURRENCY} slots, "
           f"medians of {args.rounds} round(s)\n")
-    print("| implementation | stage executions/s | commit-to-start p50 / p99 | idle transactions/s |")
+    print("| implementation | stage executions/s | commit-to-start p50 / p99 | idle statements/s |")
     print("|---|---|---|---|")
     summary = {}
     for name, rounds in results.items():
