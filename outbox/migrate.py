@@ -8,6 +8,8 @@ from alembic.config import Config
 
 from outbox.config import PROJECT_ROOT
 
+SQL_DIR = PROJECT_ROOT / "alembic" / "sql"
+
 
 def alembic_config(url: str) -> Config:
     cfg = Config(str(PROJECT_ROOT / "alembic.ini"))
@@ -22,6 +24,29 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 def downgrade(url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(url), revision)
+
+
+def run_sql(sql: str) -> None:
+    """Run SQL text inside the current migration. Straight to psycopg, without parameters: the
+    files hold PL/pgSQL with '%' in format() strings, which SQLAlchemy or a parameterised execute
+    would try to interpret."""
+    from alembic import op
+
+    op.get_bind().connection.driver_connection.execute(sql)
+
+
+def run_sql_file(name: str) -> None:
+    run_sql((SQL_DIR / name).read_text())
+
+
+def function_definition(file: str, function: str) -> str:
+    """One function's CREATE statement, taken from a migration's SQL file and made
+    CREATE OR REPLACE: a downgrade restores the definition an older migration shipped without
+    keeping a second copy of it."""
+    text = (SQL_DIR / file).read_text()
+    start = text.index(f"CREATE FUNCTION {function}(")
+    end = text.index("END $$;", start) + len("END $$;")
+    return "CREATE OR REPLACE" + text[start + len("CREATE"):end]
 
 
 # The revision(s) the database is at: first whether it was ever migrated, then the rows.

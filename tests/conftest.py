@@ -49,13 +49,24 @@ def clone_database(server, template: str) -> str:
     return server.url.rsplit("/", 1)[0] + f"/{name}"
 
 
+def drop_database(server, url: str) -> None:
+    with psycopg.connect(server.url, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
+
+
 @pytest.fixture
 def db_url(pg_server, template_db):
     url = clone_database(pg_server, TEMPLATE)
     yield url
-    name = url.rsplit("/", 1)[1]
-    with psycopg.connect(pg_server.url, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    drop_database(pg_server, url)
+
+
+@pytest.fixture
+def empty_db_url(pg_server):
+    """A database of its own that no migration has touched."""
+    url = clone_database(pg_server, "template0")
+    yield url
+    drop_database(pg_server, url)
 
 
 @pytest.fixture

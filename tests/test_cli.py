@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import time
 
-import psycopg
-
 from tests.conftest import ROOT, cli
 
 
@@ -35,11 +33,8 @@ def test_unreachable_database_is_a_clear_error():
     assert done.returncode == 2 and "postgresql://" in done.stderr
 
 
-def test_database_not_migrated(pg_server, home):
-    with psycopg.connect(pg_server.url, autocommit=True) as admin:
-        admin.execute("DROP DATABASE IF EXISTS cli_empty")
-        admin.execute("CREATE DATABASE cli_empty")
-    url = pg_server.url.rsplit("/", 1)[0] + "/cli_empty"
+def test_database_not_migrated(empty_db_url, home):
+    url = empty_db_url
     done = cli("status", env=env_for(url, home))
     assert done.returncode == 4 and "cli.py db upgrade" in done.stderr
     assert cli("db", "upgrade", env=env_for(url, home)).returncode == 0

@@ -11,6 +11,7 @@ import types
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from outbox import migrate
 from outbox.artifacts import open_store
 from outbox.db import free_port
 from outbox.jobs import submit_job
@@ -146,7 +147,7 @@ def test_readyz_waits_for_the_migrated_schema(conn, db_url, home, tmp_path):
         assert get(port, "/healthz")[0] == 200  # alive: a restart would not help
         status, body, _ = get(port, "/readyz")
         assert status == 503 and "database schema missing" in body and "db upgrade" in body
-        conn.execute("INSERT INTO alembic_version (version_num) VALUES ('0001')")
+        conn.execute("INSERT INTO alembic_version (version_num) VALUES (%s)", (max(migrate.script_revisions()[0]),))
         assert get(port, "/readyz")[0] == 200
     finally:
         assert worker.stop() == 0

@@ -7,7 +7,6 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, pool
 
 from outbox import db, migrate, schema
-from tests.conftest import clone_database
 
 
 def test_migrated_schema_matches_the_declared_tables(db_url):
@@ -18,24 +17,18 @@ def test_migrated_schema_matches_the_declared_tables(db_url):
     assert diff == []
 
 
-def test_downgrade_to_base_and_upgrade_again(pg_server):
-    with psycopg.connect(pg_server.url, autocommit=True) as admin:
-        admin.execute("CREATE DATABASE migrate_roundtrip")
-    url = pg_server.url.rsplit("/", 1)[0] + "/migrate_roundtrip"
-    try:
-        migrate.upgrade(url)
-        migrate.downgrade(url, "base")
-        with psycopg.connect(url) as conn:
-            left = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'").fetchone()[0]
-            funcs = conn.execute("SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-                                 "WHERE n.nspname = 'public'").fetchone()[0]
-        assert left == 0 and funcs == 0
-        migrate.upgrade(url)
-        with psycopg.connect(url) as conn:
-            assert conn.execute("SELECT count(*) FROM stage_graph").fetchone()[0] == 10
-    finally:
-        with psycopg.connect(pg_server.url, autocommit=True) as admin:
-            admin.execute("DROP DATABASE migrate_roundtrip WITH (FORCE)")
+def test_downgrade_to_base_and_upgrade_again(empty_db_url):
+    url = empty_db_url
+    migrate.upgrade(url)
+    migrate.downgrade(url, "base")
+    with psycopg.connect(url) as conn:
+        left = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'").fetchone()[0]
+        funcs = conn.execute("SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                             "WHERE n.nspname = 'public'").fetchone()[0]
+    assert left == 0 and funcs == 0
+    migrate.upgrade(url)
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM stage_graph").fetchone()[0] == 10
 
 
 def test_stage_graph_is_one_chain_per_level(conn):

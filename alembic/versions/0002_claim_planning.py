@@ -1,0 +1,21 @@
+"""Claims that stay fast with a large history: JIT off for the worker operations, and the claim
+skips cancelled jobs' tasks without an anti-join the planner could misjudge.
+
+Revision ID: 0002
+Revises: 0001
+"""
+from outbox.migrate import function_definition, run_sql, run_sql_file
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    run_sql_file("0002_claim_planning.sql")
+
+
+def downgrade() -> None:
+    run_sql_file("0002_downgrade.sql")
+    run_sql(function_definition("0001_functions.sql", "outbox_claim"))
