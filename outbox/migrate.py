@@ -45,7 +45,8 @@ def function_definition(file: str, function: str) -> str:
     keeping a second copy of it."""
     text = (SQL_DIR / file).read_text()
     start = text.index(f"CREATE FUNCTION {function}(")
-    end = text.index("END $$;", start) + len("END $$;")
+    body = text.index("$$", start) + 2
+    end = text.index("$$;", body) + len("$$;")
     return "CREATE OR REPLACE" + text[start + len("CREATE"):end]
 
 

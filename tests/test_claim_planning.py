@@ -57,6 +57,9 @@ def test_downgrade_to_0001_restores_its_claim(empty_db_url):
         assert config == ["enable_bitmapscan=off"]
         assert "NOT EXISTS (SELECT 1 FROM jobs cj" in body
         assert c.execute("SELECT count(*) FROM pg_proc WHERE 'jit=off' = ANY (proconfig)").fetchone()[0] == 0
+        language = c.execute("SELECT l.lanname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang "
+                             "WHERE p.proname = 'outbox_next_deadline'").fetchone()[0]
+        assert language == "sql"
     migrate.upgrade(empty_db_url)
     with psycopg.connect(empty_db_url) as c:
         assert "jit=off" in c.execute("SELECT proconfig FROM pg_proc WHERE proname = 'outbox_claim'").fetchone()[0]

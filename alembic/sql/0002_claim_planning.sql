@@ -9,7 +9,6 @@ ALTER FUNCTION outbox_complete_many SET jit = off;
 ALTER FUNCTION outbox_complete SET jit = off;
 ALTER FUNCTION outbox_fail SET jit = off;
 ALTER FUNCTION outbox_rescue_expired SET jit = off;
-ALTER FUNCTION outbox_next_deadline SET jit = off;
 ALTER FUNCTION outbox_heartbeat SET jit = off;
 ALTER FUNCTION outbox_hand_back SET jit = off;
 ALTER FUNCTION outbox_cancel_job SET jit = off;
@@ -118,4 +117,18 @@ BEGIN
                             NULL::varchar, NULL::jsonb, NULL::jsonb,
                             outbox_next_deadline(p_stages, p_owner), NULL::boolean, v_waiting;
     END IF;
+END $$;
+
+-- The next deadline, in PL/pgSQL rather than SQL: a SQL function called from another function
+-- is planned again on every call (0.23 ms here, for a statement that runs in 0.02 ms), and every
+-- claim that finds fewer tasks than it asked for calls it. PL/pgSQL keeps the plan for the session.
+CREATE OR REPLACE FUNCTION outbox_next_deadline(p_stages text[], p_owner text) RETURNS double precision
+LANGUAGE plpgsql STABLE SET jit = off AS $$
+BEGIN
+    RETURN extract(epoch FROM least(
+        (SELECT min(run_after) FROM stage_tasks
+          WHERE status = 'queued' AND stage = ANY (p_stages)),
+        (SELECT min(lease_expires_at) FROM stage_tasks
+          WHERE status = 'running' AND lease_owner IS DISTINCT FROM p_owner)
+    ) - clock_timestamp())::double precision;
 END $$;

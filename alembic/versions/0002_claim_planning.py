@@ -1,5 +1,6 @@
 """Claims that stay fast with a large history: JIT off for the worker operations, and the claim
-skips cancelled jobs' tasks without an anti-join the planner could misjudge.
+skips cancelled jobs' tasks without an anti-join the planner could misjudge; the next deadline
+is planned once per session instead of once per claim.
 
 Revision ID: 0002
 Revises: 0001
@@ -18,4 +19,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     run_sql_file("0002_downgrade.sql")
-    run_sql(function_definition("0001_functions.sql", "outbox_claim"))
+    for function in ("outbox_claim", "outbox_next_deadline"):
+        run_sql(function_definition("0001_functions.sql", function))
