@@ -28,10 +28,9 @@ def test_no_worker_operation_is_jit_compiled(conn):
     assert [r["proname"] for r in rows if "jit=off" not in r["config"]] == []
 
 
-def tuples_read(conn) -> int:
-    row = conn.execute("SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) AS n FROM pg_stat_xact_user_tables "
-                       "WHERE relname = 'stage_tasks'").fetchone()
-    return row["n"]
+def tuples_read(conn, table="stage_tasks", how="seq_tup_read + coalesce(idx_tup_fetch, 0)") -> int:
+    """Rows of `table` this transaction has read so far."""
+    return conn.execute(f"SELECT {how} AS n FROM pg_stat_xact_user_tables WHERE relname = %s", (table,)).fetchone()["n"]
 
 
 def test_a_claim_reads_a_few_rows_of_one_large_jobs_long_queue(conn):
@@ -47,6 +46,20 @@ def test_a_claim_reads_a_few_rows_of_one_large_jobs_long_queue(conn):
             assert len(claim(conn, stages=["vlm_analyze"], limit=8)) == 8
             per_claim.append(tuples_read(conn) - before)
     assert max(per_claim) < 200, per_claim
+
+
+def test_a_plan_made_while_the_results_table_was_empty_still_uses_its_index(conn):
+    # The claim keeps one generic plan per session. Made on a fresh install, with stage_results
+    # empty, it must not scan that table once per claimed task when it has grown.
+    insert_job(conn, variants=600)
+    conn.execute("ANALYZE")
+    assert len(claim(conn, stages=["vlm_analyze"], limit=8)) == 8  # the plan is made here
+    conn.execute("""INSERT INTO stage_results (task_id, job_id, job_variants_id, stage, attempt, result)
+                    SELECT id, job_id, job_variants_id, 'earlier', 1, '{}' FROM stage_tasks WHERE status = 'queued'""")
+    for _ in range(6):
+        with conn.transaction():
+            assert len(claim(conn, stages=["vlm_analyze"], limit=8)) == 8
+            assert tuples_read(conn, "stage_results", "seq_tup_read") == 0
 
 
 def test_downgrade_to_0001_restores_its_claim(empty_db_url):

@@ -1,6 +1,7 @@
-"""Claims that stay fast with a large history: JIT off for the worker operations, and the claim
-skips cancelled jobs' tasks without an anti-join the planner could misjudge; the next deadline
-is planned once per session instead of once per claim.
+"""Claims that stay fast whatever the table holds: JIT off for the worker operations; the claim
+keeps one generic, index-only plan per session and skips cancelled jobs' tasks without an
+anti-join the planner could misjudge; the next deadline is planned once per session instead of
+once per claim.
 
 Revision ID: 0002
 Revises: 0001
