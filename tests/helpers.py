@@ -1,6 +1,7 @@
 """Small SQL helpers shared by the engine tests."""
 from __future__ import annotations
 
+import time
 import uuid
 
 
@@ -50,3 +51,15 @@ def run_variant_stages(conn, owner="w1"):
         for task in tasks:
             assert complete(conn, task, owner)
             done += 1
+
+
+def wait_until(predicate, timeout: float = 30, interval: float = 0.05, what: str = "condition"):
+    """Polls predicate until it returns something truthy (returned), or fails the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout} s")
+        time.sleep(interval)

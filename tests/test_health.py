@@ -5,7 +5,6 @@ import http.client
 import json
 import socket
 import sys
-import time
 import types
 
 import pytest
@@ -15,6 +14,7 @@ from outbox import migrate
 from outbox.artifacts import open_store
 from outbox.db import free_port
 from outbox.jobs import submit_job
+from tests.helpers import wait_until
 from tests.workerproc import WorkerProcess, wait_for_jobs
 from workers import health
 from workers.metrics import Metrics
@@ -53,15 +53,6 @@ def value(found: dict, name: str, **labels) -> float | None:
     return found.get((name, tuple(sorted(labels.items()))))
 
 
-def wait_until(check, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout} s")
-        time.sleep(0.1)
 
 
 def submit(conn, image, copy="Fresh coffee", variants=2):

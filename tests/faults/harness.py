@@ -23,6 +23,8 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import dict_row
 
+from tests.helpers import wait_until
+
 ROOT = Path(__file__).resolve().parents[2]
 REGISTRY = "tests.faults.fault_stages:build_registry"
 SOAK = os.environ.get("FAULTS_SOAK", "").strip().lower() in ("1", "true", "yes", "on")
@@ -206,17 +208,6 @@ def wait_for_jobs(db_url: str, job_ids: list[str], timeout: float = 120) -> dict
     from tests.workerproc import wait_for_jobs as wait
 
     return wait(db_url, job_ids, timeout=timeout)
-
-
-def wait_until(predicate, timeout: float = 30, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout} s")
-        time.sleep(interval)
 
 
 def db_now(conn) -> float:
