@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 APT_PACKAGES := tesseract-ocr tesseract-ocr-kor tesseract-ocr-eng fonts-nanum
 
-.PHONY: install system-deps run test soak bench clean
+.PHONY: install system-deps test-deps run test soak bench clean
 
 install: $(STAMP)
 
@@ -39,19 +39,38 @@ DEMO_ARGS ?=
 run: install system-deps
 	$(PY) cli.py demo $(DEMO_ARGS)
 
-test: install system-deps
+# Test-only tools: the report test opens an HTML report in headless Chromium, and the pooler test
+# runs a real PgBouncer. Installed as root on Debian (the tests skip with a reason otherwise), so
+# that `make test` is the whole suite on a fresh machine, as in CI.
+TEST_APT_PACKAGES := chromium pgbouncer
+test-deps:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	{ command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; } || missing="$$missing pgbouncer"; \
+	if [ -z "$$missing" ]; then \
+	  true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  (systemctl stop pgbouncer || service pgbouncer stop) >/dev/null 2>&1 || true; \
+	else \
+	  echo "note: please install$$missing (sudo apt-get install ...); the tests that need them are skipped"; \
+	fi
+
+test: install system-deps test-deps
 	$(PY) -m pytest -q
 
 # The fault suite (tests/faults, also part of `make test`) in its long form: five times the jobs
 # and fault rounds. See docs/reliability.md.
 soak: install
-	FAULTS_SOAK=1 $(PY) -m pytest tests/faults -q
+	FAULTS_SOAK=1 $(PY) -m pytest tests/faults tests/test_supervisor.py tests/test_outside_writers.py -q
 
 # Benchmarks: procrastinate is a benchmark-only dependency (the `bench` extra).
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/engine_throughput.py
 	$(PY) bench/claim_history.py
+	$(PY) bench/cli_startup.py
 
 clean:
 	rm -rf $(VENV) .adflow

@@ -205,7 +205,8 @@ def report(job: str = typer.Argument(..., help="Job id, or 'latest' for the newe
     with database() as conn:
         with errors_to_exit_codes():
             data = gather(conn, latest_job_id(conn) if job == "latest" else job)
-            page = render_report(data, asset_reader(open_store(), config.asset_root()))
+            # The job's tenant: the report reads only that tenant's keys, like the worker.
+            page = render_report(data, asset_reader(open_store(), config.asset_root(), data["job"]["tenant_id"]))
     if output is not None and str(output) == "-":
         typer.echo(page)
         return
@@ -248,6 +249,13 @@ def print_overview(data: dict) -> None:
         age = f"{r['oldest_queued_s']:.1f} s" if r["oldest_queued_s"] is not None else "-"
         typer.echo(f"{r['stage']:<20}{r['level']:<9}{r['device']:<8}{r['queued']:>7}{r['running']:>8}"
                    f"{r['done']:>7}{r['failed']:>7}  {age}")
+    if data["open_variant_sets"]:
+        typer.echo("jobs waiting for their variant set to close (the generator writes the job at (img_gen, done), "
+                   "or sets expected_variants):")
+        for j in data["open_variant_sets"]:
+            expected = f" of {j['expected_variants']} expected" if j["expected_variants"] else ""
+            typer.echo(f"  job {j['job_id']} tenant {j['tenant_id']}: {j['variants']} variant(s){expected}, "
+                       f"{j['finished']} finished, open for {j['age_s']:.0f} s")
     if data["failures"]:
         typer.echo("recent failures:")
         for f in data["failures"]:
@@ -257,6 +265,9 @@ def print_overview(data: dict) -> None:
 
 def print_job(job: dict) -> None:
     typer.echo(f"job {job['job_id']} tenant {job['tenant_id']}: {job['current_step']} {job['status']}")
+    if job["variants_closed_at"] is None and job["status"] not in ("failed", "cancelled"):
+        typer.echo("  variant set open: the fan-in waits until the generator writes the job at (img_gen, done)"
+                   + (f" or its {job['expected_variants']} expected variants exist" if job["expected_variants"] else ""))
     for v in job["variants"]:
         typer.echo(f"  variant {v['creation_order']} {v['variant_id']}: {v['current_step']} {v['status']}")
     for t in job["tasks"]:
@@ -353,8 +364,12 @@ def cancel(job: str = typer.Argument(..., help="The job id.")) -> None:
 
     with database() as conn:
         with errors_to_exit_codes():
-            count = cancel_job(conn, job)
-    typer.echo(f"job {job} cancelled ({count} task(s) cancelled)")
+            done = cancel_job(conn, job)
+    if done.already:
+        typer.echo(f"job {job} was already cancelled; nothing to do"
+                   + (f" ({done.tasks} leftover task(s) cancelled now)" if done.tasks else ""))
+    else:
+        typer.echo(f"job {job} cancelled ({done.tasks} task(s) cancelled)")
 
 
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

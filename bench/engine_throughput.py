@@ -117,8 +117,9 @@ def adflow_round(server, jobs, log_dir):
         # latency: one job of one variant at a time
         latencies = []
         for _ in range(100):
-            job = conn.execute("INSERT INTO jobs (tenant_id, status, current_step) VALUES ('bench', 'running', 'img_gen') "
-                               "RETURNING job_id").fetchone()[0]
+            # One statement at a time, so the job says how many variants it gets (its set closes then).
+            job = conn.execute("INSERT INTO jobs (tenant_id, status, current_step, expected_variants) "
+                               "VALUES ('bench', 'running', 'img_gen', 1) RETURNING job_id").fetchone()[0]
             conn.execute("INSERT INTO job_inputs (job_id, ad_copy) VALUES (%s, 'x')", (job,))
             variant = conn.execute("INSERT INTO jobs_variants (job_id, img_asset_id, creation_order, status, current_step) "
                                    "VALUES (%s, %s, 1, 'running', 'img_gen') RETURNING job_variants_id",

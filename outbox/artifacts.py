@@ -11,13 +11,27 @@ from __future__ import annotations
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
 from outbox import config
 
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+# The tenant rule, here and only here: jobs.validate_tenant (submit), the worker's check of a
+# claimed task's tenant and every key built or parsed below use it, and the migration's CHECK
+# constraint on jobs.tenant_id spells the same regular expression. It lives in this module
+# (which imports nothing of the engine) so that jobs.py and workers/runner.py import it without
+# a cycle. Its characters are safe as one path segment in every store: no '/', no '..'.
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+TENANT_RULE = "1-255 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+# Every other segment of a key follows the same character rule (255: a file name's limit).
+SEGMENT_PATTERN = TENANT_PATTERN
+UUID_PATTERN = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+ATTEMPT_PATTERN = re.compile(r"^a[1-9][0-9]{0,8}$")
+ASSETS = "assets"
+JOB_LEVEL = "job"  # the variant segment of a job-level stage's artifact
 
 
 class ArtifactError(Exception):
@@ -37,21 +51,133 @@ class ArtifactTooLarge(ArtifactError):
     pass
 
 
-def check_key(key: str) -> str:
-    if not isinstance(key, str) or not KEY_PATTERN.match(key) or ".." in key.split("/"):
-        raise ArtifactError(f"invalid artifact key {key!r}")
-    return key
+class InvalidKey(ArtifactError, ValueError):
+    """A key (or a tenant, a file: asset path) that no store may use. Retrying cannot make it
+    valid: the engine turns it into a permanent stage error."""
+
+
+class InvalidTenant(InvalidKey):
+    pass
+
+
+class TenantMismatch(ArtifactError, PermissionError):
+    """A valid key of another tenant."""
+
+
+def check_tenant(tenant: object) -> str:
+    if not isinstance(tenant, str) or not TENANT_PATTERN.match(tenant):
+        raise InvalidTenant(f"invalid tenant id {tenant!r}: {TENANT_RULE}")
+    return tenant
+
+
+@dataclass(frozen=True)
+class KeyParts:
+    """A key split into its segments. Two shapes exist (docs/lifecycle.md):
+
+    - asset:    tenant/assets/<asset id>/<file name>
+    - artifact: tenant/<job uuid>/<variant uuid | "job">/<stage>/a<attempt>/<name>
+    """
+
+    tenant: str
+    kind: str  # "asset" or "artifact"
+    segments: tuple[str, ...]  # all of them, tenant first
+
+    @property
+    def key(self) -> str:
+        return "/".join(self.segments)
+
+
+def parse_key(key: object) -> KeyParts:
+    """Splits a key by '/' and checks every segment and the shape as a whole: the one check of
+    every store's put/get and of the worker's and the report's tenant checks. A key is a
+    relative path made of plain names only, so '..', '.', empty segments (a//b, a leading or
+    trailing '/', an absolute path), backslashes, NUL and any other character outside the
+    segment rule are refused, whatever the backend would have made of them. The shape is
+    checked too: the segment after the tenant is 'assets' or a job UUID, so a tenant
+    'acme/evil' could never have written a key that tenant 'acme' owns."""
+    if not isinstance(key, str):
+        raise InvalidKey(f"invalid artifact key {key!r}: not a string")
+    segments = tuple(key.split("/"))
+    for segment in segments:
+        if not SEGMENT_PATTERN.match(segment):
+            raise InvalidKey(f"invalid artifact key {key!r}: segment {segment!r} is not 1-255 letters, digits, "
+                             "'.', '_' or '-' starting with a letter or digit")
+    try:
+        check_tenant(segments[0])
+    except InvalidTenant as exc:  # pragma: no cover - the segment rule is the tenant rule
+        raise InvalidKey(f"invalid artifact key {key!r}: {exc}") from None
+    if len(segments) == 4 and segments[1] == ASSETS:
+        return KeyParts(segments[0], "asset", segments)
+    if (len(segments) == 6 and UUID_PATTERN.match(segments[1])
+            and (segments[2] == JOB_LEVEL or UUID_PATTERN.match(segments[2])) and ATTEMPT_PATTERN.match(segments[4])):
+        return KeyParts(segments[0], "artifact", segments)
+    raise InvalidKey(f"invalid artifact key {key!r}: expected tenant/assets/<asset id>/<file> or "
+                     "tenant/<job id>/<variant id or 'job'>/<stage>/a<attempt>/<name>")
+
+
+def check_key(key: object) -> str:
+    return parse_key(key).key
+
+
+def check_key_tenant(key: object, tenant: object) -> KeyParts:
+    """The key, parsed, if it belongs to `tenant`: the parsed tenant segment must EQUAL it (a
+    prefix test would let tenant 'acme' read 'acme/evil/...' or 'acme.x/...')."""
+    tenant = check_tenant(tenant)
+    parts = parse_key(key)
+    if parts.tenant != tenant:
+        raise TenantMismatch(f"artifact {key!r} belongs to another tenant: refused")
+    return parts
 
 
 def artifact_key(tenant: str, job_id: str, variant_id: str | None, stage: str, attempt: int, name: str) -> str:
     """Keys carry job, variant, stage and attempt: a stale attempt writes beside, never over,
     what a newer attempt committed."""
-    return check_key(f"{tenant}/{job_id}/{variant_id or 'job'}/{stage}/a{attempt}/{name}")
+    check_tenant(tenant)
+    return check_key(f"{tenant}/{job_id}/{variant_id or JOB_LEVEL}/{stage}/a{attempt}/{name}")
 
 
 def asset_key(tenant: str, asset_id: str, filename: str) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", filename).lstrip("._") or "image"
-    return check_key(f"{tenant}/assets/{asset_id}/{safe}")
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", filename).lstrip("._-") or "image"
+    if len(safe) > 200:  # a file name's limit is 255 bytes; keep the extension
+        stem, dot, ext = safe.rpartition(".")
+        safe = (stem[:200 - len(ext) - 1] + "." + ext[:16]) if dot and len(ext) <= 16 else safe[:200]
+    check_tenant(tenant)
+    return check_key(f"{tenant}/{ASSETS}/{asset_id}/{safe}")
+
+
+def asset_path(asset_root: Path, relative: str) -> Path:
+    """The file of a `file:` asset uri, which must lie inside ASSET_ROOT. The one path check of
+    the worker and the report. resolve() follows symlinks, so a link that points outside the
+    root is refused too; NUL (which open() refuses with a bare ValueError) and an absolute path
+    (which would replace the root) are refused by name."""
+    root = Path(asset_root).resolve()
+    if not isinstance(relative, str) or not relative or "\x00" in relative or "\\" in relative \
+            or relative.startswith("/"):
+        raise InvalidKey(f"image path {relative!r} is not a relative path under the asset root: refused")
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise InvalidKey(f"image path {relative!r} is outside the asset root: refused")
+    return path
+
+
+def read_asset(store: "ArtifactStore", asset_root: Path, uri: str, tenant: str | None) -> bytes:
+    """The bytes of an image asset uri: `file:<path under ASSET_ROOT>` or a store key, which
+    must belong to `tenant` (None: any valid key; only for callers with no tenant at hand).
+    Bad uris raise InvalidKey, another tenant's key TenantMismatch, a missing one
+    ArtifactNotFound."""
+    if isinstance(uri, str) and uri.startswith("file:"):
+        path = asset_path(asset_root, uri[len("file:"):])
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ArtifactNotFound(uri) from None
+        except IsADirectoryError:
+            raise InvalidKey(f"image path is a directory: {uri[5:]!r}") from None
+    if tenant is None:
+        check_key(uri)
+    else:
+        check_key_tenant(uri, tenant)
+    return store.get(uri)
 
 
 class ArtifactStore(Protocol):
@@ -149,6 +275,8 @@ class PostgresStore:
         return bytes(row[0])
 
     def delete(self, key: str) -> None:
+        # Not validated, on purpose: an exact-match DELETE cannot reach anything but that row, and
+        # `prune` must be able to remove a bad key that plain SQL wrote into the table.
         with self.pool.connection() as conn:
             conn.execute("DELETE FROM artifacts WHERE key = %s", (key,))
 

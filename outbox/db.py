@@ -55,8 +55,18 @@ def sqlalchemy_url(url: str | None = None) -> str:
 
 def safe_url(url: str) -> str:
     """The URL without its password, for messages."""
-    info = psycopg.conninfo.conninfo_to_dict(url)
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except (psycopg.ProgrammingError, ValueError):  # unparsable: it must not hide the first error
+        return config.redact_url(url)
     return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def invalid_url(url: str, exc: Exception) -> config.ConfigError:
+    """libpq refused the URL itself (not the server): a setting to fix, like config's checks.
+    config.check_database_url catches what it can first; this is the net for the rest."""
+    reason = config.scrub(str(exc), url) or type(exc).__name__
+    return config.ConfigError(f"invalid database URL {config.redact_url(url)}: {reason}")
 
 
 def connect(url: str, autocommit: bool = True, **kwargs) -> psycopg.Connection:
@@ -65,11 +75,16 @@ def connect(url: str, autocommit: bool = True, **kwargs) -> psycopg.Connection:
                                connect_timeout=10, **KEEPALIVE_KWARGS, **kwargs)
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {safe_url(url)}: {str(exc).strip()}") from exc
+    except psycopg.ProgrammingError as exc:  # e.g. an unknown query parameter, an unclosed '['
+        raise invalid_url(url, exc) from exc
 
 
 async def connect_async(url: str, autocommit: bool = True) -> psycopg.AsyncConnection:
-    return await psycopg.AsyncConnection.connect(url, autocommit=autocommit, row_factory=dict_row,
-                                                 connect_timeout=10, **KEEPALIVE_KWARGS)
+    try:
+        return await psycopg.AsyncConnection.connect(url, autocommit=autocommit, row_factory=dict_row,
+                                                     connect_timeout=10, **KEEPALIVE_KWARGS)
+    except psycopg.ProgrammingError as exc:
+        raise invalid_url(url, exc) from exc
 
 
 def check_migrated(conn: psycopg.Connection) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import mimetypes
-import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +10,14 @@ from pathlib import Path
 from psycopg import Connection
 from psycopg.types.json import Jsonb
 
-from outbox.artifacts import ArtifactStore, asset_key
+# The tenant rule lives with the artifact keys (outbox.artifacts): the worker and every store check
+# the same one. Re-exported here for callers that import it from this module.
+from outbox.artifacts import TENANT_PATTERN, ArtifactStore, InvalidTenant, asset_key, check_tenant  # noqa: F401
 
-TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 MAX_COPY_CHARS = 2000
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
+# The format found in the bytes, not guessed from the name: a JPEG named .png is still a JPEG.
+IMAGE_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
 
 
 class InvalidInput(ValueError):
@@ -27,10 +29,10 @@ class NotFound(LookupError):
 
 
 def validate_tenant(tenant: str) -> str:
-    if not TENANT_PATTERN.match(tenant or ""):
-        raise InvalidInput(f"invalid tenant id {tenant!r}: 1-255 characters of letters, digits, '.', '_' or '-', "
-                           "starting with a letter or digit")
-    return tenant
+    try:
+        return check_tenant(tenant)
+    except InvalidTenant as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 def validate_text(text: str, what: str, max_chars: int = MAX_COPY_CHARS) -> str:
@@ -65,7 +67,14 @@ def submit_job(conn: Connection, store: ArtifactStore, images: list[Path], ad_co
                variants: int | None = None, extra: dict | None = None) -> Submitted:
     """Stores the images, then in one transaction writes image_assets, jobs, job_inputs and one
     variant per image (or `variants`, cycling through the images) at (img_gen, done): the
-    triggers take it from there."""
+    triggers take it from there.
+
+    Every image is checked here, before anything is written, as the stages will check it
+    (stages.imaging.check_image: PNG, JPEG or WebP, the pixel limit MAX_IMAGE_PIXELS, the
+    minimum side and aspect ratio, a full decode), so a bad file is refused at once instead of
+    failing in a worker. Paths: a directory is refused as one; a symbolic link is followed only
+    when its target (after every link in the chain) lies inside the directory the link is in,
+    so `submit uploads/x.png` cannot be made to read, say, ~/.ssh/id_rsa through a planted link."""
     validate_tenant(tenant)
     validate_text(ad_copy, "ad copy")
     if not images:
@@ -73,19 +82,35 @@ def submit_job(conn: Connection, store: ArtifactStore, images: list[Path], ad_co
     count = variants if variants is not None else len(images)
     if count < 1:
         raise InvalidInput("a job needs at least one variant")
+    # Imported here, not at the top: cli.py imports this module for every command, and numpy and
+    # Pillow are not needed to print --help. stages.imaging never imports ultralytics.
+    from stages.contract import PermanentStageError
+    from stages.imaging import check_image
+
     blobs = []
     for path in images:
         path = Path(path)
-        if not path.is_file():
-            raise InvalidInput(f"image file not found: {path}")
-        size = path.stat().st_size
+        source = image_source(path)
+        size = source.stat().st_size
         if size == 0:
             raise InvalidInput(f"image file is empty: {path}")
         if size > MAX_IMAGE_BYTES:
             raise InvalidInput(f"image file {path} is {size} bytes; the limit is {MAX_IMAGE_BYTES}")
-        blobs.append((path, path.read_bytes()))
+        try:
+            data = source.read_bytes()
+        except OSError as exc:  # e.g. no read permission
+            raise InvalidInput(f"cannot read image {path}: {exc.strerror or exc}") from None
+        try:
+            image_format = check_image(data)[0]
+        except PermanentStageError as exc:
+            raise InvalidInput(f"image {path}: {exc}") from None
+        except ValueError as exc:  # MAX_IMAGE_PIXELS set to something that is not a number
+            from outbox.config import ConfigError
+
+            raise ConfigError(str(exc)) from None
+        blobs.append((path, data, IMAGE_MIME.get(image_format)))
     asset_ids, keys = [], []
-    for path, data in blobs:
+    for path, data, _mime in blobs:
         asset_id = str(uuid.uuid4())
         key = asset_key(tenant, asset_id, path.name)
         store.put(key, data)
@@ -94,11 +119,12 @@ def submit_job(conn: Connection, store: ArtifactStore, images: list[Path], ad_co
     job_id = str(uuid.uuid4())
     variant_ids = [str(uuid.uuid4()) for _ in range(count)]
     with conn.transaction():
-        for (path, data), asset_id, key in zip(blobs, asset_ids, keys):
+        for (path, data, mime), asset_id, key in zip(blobs, asset_ids, keys):
             conn.execute(
                 "INSERT INTO image_assets (image_asset_id, tenant_id, uri, mime_type, byte_size, sha256) "
                 "VALUES (%s, %s, %s, %s, %s, %s)",
-                (asset_id, tenant, key, mimetypes.guess_type(path.name)[0], len(data), hashlib.sha256(data).hexdigest()))
+                (asset_id, tenant, key, mime or mimetypes.guess_type(path.name)[0], len(data),
+                 hashlib.sha256(data).hexdigest()))
         conn.execute("INSERT INTO jobs (job_id, tenant_id, status, current_step) VALUES (%s, %s, 'running', 'img_gen')",
                      (job_id, tenant))
         conn.execute("INSERT INTO job_inputs (job_id, ad_copy, extra) VALUES (%s, %s, %s)",
@@ -111,10 +137,29 @@ def submit_job(conn: Connection, store: ArtifactStore, images: list[Path], ad_co
     return Submitted(job_id, variant_ids, asset_ids)
 
 
+def image_source(path: Path) -> Path:
+    """The file to read for an image argument: the path itself, or a symbolic link's target when
+    that lies inside the link's own directory (see submit_job); else InvalidInput naming why."""
+    if path.is_symlink():
+        target = path.resolve()
+        folder = path.parent.resolve()
+        if not target.is_relative_to(folder):
+            raise InvalidInput(f"image {path} is a symbolic link to {target}, outside {folder}: refused "
+                               "(links are followed only within their own directory)")
+        path = target  # read what was checked, not the link again
+    if path.is_dir():
+        raise InvalidInput(f"image path is a directory, not a file: {path}")
+    if not path.exists():
+        raise InvalidInput(f"image file not found: {path}")
+    if not path.is_file():
+        raise InvalidInput(f"image path is not a regular file: {path}")
+    return path
+
+
 def job_detail(conn: Connection, job_id: str) -> dict:
     job_id = validate_uuid(job_id, "job id")
-    job = conn.execute("SELECT job_id::text, tenant_id, status, current_step, created_at, updated_at "
-                       "FROM jobs WHERE job_id = %s", (job_id,)).fetchone()
+    job = conn.execute("SELECT job_id::text, tenant_id, status, current_step, created_at, updated_at, "
+                       "expected_variants, variants_closed_at FROM jobs WHERE job_id = %s", (job_id,)).fetchone()
     if job is None:
         raise NotFound(f"no job {job_id}")
     job["variants"] = conn.execute(
@@ -147,7 +192,20 @@ def overview(conn: Connection, failures: int = 20) -> dict:
                t.last_error
         FROM stage_tasks t WHERE t.status = 'failed' ORDER BY t.finished_at DESC NULLS LAST LIMIT %s""",
                                    (failures,)).fetchall()
-    return {"jobs": jobs, "variants": variants, "stages": stages, "failures": recent_failures}
+    # Jobs the fan-in waits on because their variant set is still open (docs/semantics.md): the
+    # generator has not written (img_gen, done) and no expected_variants count closed it. Only
+    # jobs at the generator's step or in the pipeline: other steps of the shared table are not ours.
+    open_sets = conn.execute("""
+        SELECT j.job_id::text, j.tenant_id, j.current_step, j.status, j.expected_variants,
+               extract(epoch FROM now() - j.created_at) AS age_s,
+               count(v.job_variants_id) AS variants,
+               count(v.job_variants_id) FILTER (WHERE outbox_variant_is_terminal(v.status, v.current_step)) AS finished
+        FROM jobs j LEFT JOIN jobs_variants v ON v.job_id = j.job_id
+        WHERE j.variants_closed_at IS NULL AND j.status NOT IN ('failed', 'cancelled')
+          AND (j.current_step = 'img_gen' OR outbox_is_stage(j.current_step, 'variant'))
+        GROUP BY j.job_id ORDER BY j.created_at LIMIT %s""", (failures,)).fetchall()
+    return {"jobs": jobs, "variants": variants, "stages": stages, "failures": recent_failures,
+            "open_variant_sets": open_sets}
 
 
 def find_task(conn: Connection, subject_id: str, stage: str) -> dict:
@@ -175,18 +233,24 @@ def find_task(conn: Connection, subject_id: str, stage: str) -> dict:
     return task
 
 
-def cancel_job(conn: Connection, job_id: str) -> int:
-    """Cancels a job: job and unfinished variants end `cancelled`, then its queued and running
-    tasks do (a running stage's completion is refused). Returns how many tasks were cancelled.
-    Two transactions, in the lock order every other path uses (see outbox_cancel_job)."""
+@dataclass(frozen=True)
+class Cancelled:
+    already: bool  # the job was cancelled before: only its leftovers were ended now
+    tasks: int  # tasks ended cancelled by this call
+
+
+def cancel_job(conn: Connection, job_id: str) -> Cancelled:
+    """Cancels a job in one transaction (outbox_cancel): the job and its unfinished variants end
+    `cancelled`, and so do its queued and running tasks (a running stage's completion is then
+    refused). Cancelling a cancelled job is a no-op that ends any task it still has queued."""
     import psycopg
 
     job_id = validate_uuid(job_id, "job id")
     try:
         with conn.transaction():
-            conn.execute("SELECT outbox_cancel_job(%s)", (job_id,))
+            row = conn.execute("SELECT * FROM outbox_cancel(%s)", (job_id,)).fetchone()
     except psycopg.errors.NoDataFound:
         raise NotFound(f"no job {job_id}") from None
     except psycopg.errors.ObjectNotInPrerequisiteState as exc:
         raise InvalidInput(exc.diag.message_primary) from None
-    return conn.execute("SELECT outbox_cancel_tasks(%s) AS n", (job_id,)).fetchone()["n"]
+    return Cancelled(row["already_cancelled"], row["tasks"])

@@ -44,10 +44,15 @@ def function_definition(file: str, function: str) -> str:
     CREATE OR REPLACE: a downgrade restores the definition an older migration shipped without
     keeping a second copy of it."""
     text = (SQL_DIR / file).read_text()
-    start = text.index(f"CREATE FUNCTION {function}(")
+    for opening in (f"CREATE FUNCTION {function}(", f"CREATE OR REPLACE FUNCTION {function}("):
+        if opening in text:
+            start = text.index(opening) + len(opening) - len(f"FUNCTION {function}(")
+            break
+    else:
+        raise KeyError(f"{file} defines no function {function}")
     body = text.index("$$", start) + 2
     end = text.index("$$;", body) + len("$$;")
-    return "CREATE OR REPLACE" + text[start + len("CREATE"):end]
+    return "CREATE OR REPLACE " + text[start:end]
 
 
 # The revision(s) the database is at: first whether it was ever migrated, then the rows.

@@ -1,6 +1,7 @@
 """Showing one job's progress live: per-variant and job stage progress, stage durations, failures
-with their error text. Fed by outbox.watch.watch_job (LISTEN on job_variant_state_changed /
-job_state_changed), never by polling.
+with their error text. Fed by outbox.watch.JobWatch (LISTEN on job_variant_state_changed /
+job_state_changed), never by polling; across a lost connection it reconnects and re-reads the job
+(see JobWatch), and the display catches up with what changed meanwhile.
 
 On a terminal: rich progress bars, one per variant and one for the job stages, and a summary table.
 Anywhere else (a pipe, a file, TERM=dumb): plain lines without control codes, one per state change.
@@ -11,12 +12,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable, Iterable, TextIO
+from typing import Callable, Iterable, Iterator, TextIO
 
+import psycopg
 from psycopg import Connection
 
+from outbox import db
 from outbox.jobs import job_detail
-from outbox.watch import watch_job
+from outbox.watch import JobWatch
 
 # (job_id, variant_id or None, stage) -> {"last_error", "attempts", "max_attempts"} of the task
 ErrorLookup = Callable[[str, "str | None", str], "dict | None"]
@@ -137,6 +140,33 @@ class JobProgress:
             if t["status"] in ("failed", "cancelled"):
                 state.error = t["last_error"]
         self._job_note()
+
+    def resync(self, detail: dict) -> Iterator[Change]:
+        """Takes a job_detail read after a reconnect and yields what changed since the last event
+        we saw, in pipeline order per track: the notifications of those changes were sent while
+        we were not listening, so the renderer learns of them here instead. Consume it whole:
+        each change is applied as it is yielded, so a line shows the count it had then
+        ("[3/8] planner done"), not the final one."""
+        before = {(track.key, stage): track.states[stage].status for track in self.tracks for stage in track.stages}
+        job_before = self.job_status
+        self.load(detail)  # durations, attempts and errors from the task rows
+        changed = [(track, stage, track.states[stage].status) for track in self.tracks for stage in track.stages
+                   if track.states[stage].status != before[(track.key, stage)]]
+        for track, stage, _ in changed:
+            track.states[stage].status = before[(track.key, stage)]
+        for track, stage, status in changed:
+            state = track.states[stage]
+            state.status = status
+            if status == "running":
+                state.seen_running_at = time.monotonic()
+            yield Change(track, stage, status)
+        # The job failed or was cancelled outside its own stages (all variants failed): apply()
+        # reports that as a change of the job track with no stage; so does the resync.
+        if self.job_status != job_before and self.job_status in ("failed", "cancelled") \
+                and self.job_step not in self.job.states:
+            self.job.status, self.job.current = self.job_status, self.job_step
+            self.job.note = "all variants failed" if self.job_status == "failed" else "cancelled"
+            yield Change(self.job, None, self.job_status)
 
     def _job_note(self) -> None:
         if self.job.states and all(s.status == "pending" for s in self.job.states.values()):
@@ -369,33 +399,50 @@ def make_renderer(out: TextIO | None = None, plain: bool | None = None):
     return PlainRenderer(out)
 
 
-def follow_job(conn: Connection, job_id: str, renderer=None, lookup_error: ErrorLookup | None = None) -> JobProgress:
+def follow_job(conn: Connection, job_id: str, renderer=None, lookup_error: ErrorLookup | None = None,
+               connect: Callable[[], Connection] | None = None, reconnect_timeout_s: float | None = None,
+               notice: Callable[[str], None] | None = None) -> JobProgress:
     """Shows the job's progress until it is finished; returns the final state.
 
     `conn` is held by LISTEN for the whole time; `lookup_error` (own connection) reads a failed
-    task's last_error when a failure arrives: one query per failure, none otherwise."""
+    task's last_error when a failure arrives: one query per failure, none otherwise.
+
+    A lost connection is survived (outbox.watch.JobWatch): `connect` opens a new one (default:
+    the same database as `conn`), for up to `reconnect_timeout_s` (default WATCH_RECONNECT_TIMEOUT,
+    90 s), after which db.DatabaseUnavailable is raised (the CLI: exit 4). `notice` gets the line
+    saying so (default: stderr). After a reconnect `conn` is no longer the connection in use: it
+    was lost, and the watch closes the one it opened when it ends."""
     started = time.monotonic()
-    graph = conn.execute("SELECT stage, level FROM stage_graph ORDER BY position").fetchall()
-    events = watch_job(conn, job_id)
-    progress = JobProgress(graph, next(events)["payload"])
+    watch = JobWatch(conn, job_id, connect=connect, timeout_s=reconnect_timeout_s, notice=notice)
     renderer = renderer or make_renderer()
-    renderer.start(progress)
+    events = watch.events()
     try:
-        for event in events:
-            change = progress.apply(event["channel"], event["payload"])
-            if change is None:
-                continue
-            if change.status == "failed" and change.stage and lookup_error is not None:
-                row = lookup_error(progress.job_id, change.track.key, change.stage)
-                if row:
-                    state = change.track.states[change.stage]
-                    state.error, state.attempts, state.max_attempts = row["last_error"], row["attempts"], row["max_attempts"]
-            renderer.update(progress, change)
-        # One read at the end: exact durations and attempts from the task rows.
-        progress.load(job_detail(conn, job_id))
-        renderer.finish(progress, time.monotonic() - started)
+        graph = watch.read(lambda c: c.execute("SELECT stage, level FROM stage_graph ORDER BY position").fetchall())
+        progress = JobProgress(graph, next(events)["payload"])
+        renderer.start(progress)
+        try:
+            for event in events:
+                if event["channel"] == "resync":
+                    for change in progress.resync(event["payload"]):
+                        renderer.update(progress, change)
+                    continue
+                change = progress.apply(event["channel"], event["payload"])
+                if change is None:
+                    continue
+                if change.status == "failed" and change.stage and lookup_error is not None:
+                    row = lookup_error(progress.job_id, change.track.key, change.stage)
+                    if row:
+                        state = change.track.states[change.stage]
+                        state.error, state.attempts, state.max_attempts = row["last_error"], row["attempts"], row["max_attempts"]
+                renderer.update(progress, change)
+            # One read at the end: exact durations and attempts from the task rows.
+            progress.load(watch.read(lambda c: job_detail(c, job_id)))
+            renderer.finish(progress, time.monotonic() - started)
+        finally:
+            renderer.close()
     finally:
-        renderer.close()
+        events.close()
+        watch.close()
     return progress
 
 
@@ -404,13 +451,25 @@ def error_lookup(conn_factory: Callable[[], Connection]) -> ErrorLookup:
     is busy with LISTEN)."""
     holder: dict[str, Connection] = {}
 
-    def lookup(job_id: str, variant_id: str | None, stage: str) -> dict | None:
+    def query(job_id: str, variant_id: str | None, stage: str) -> dict | None:
         if "conn" not in holder:
             holder["conn"] = conn_factory()
-        row = holder["conn"].execute(
+        return holder["conn"].execute(
             "SELECT last_error, attempts, max_attempts FROM stage_tasks WHERE job_id = %s AND stage = %s "
             "AND job_variants_id IS NOT DISTINCT FROM %s::uuid", (job_id, stage, variant_id)).fetchone()
-        return row
+
+    def lookup(job_id: str, variant_id: str | None, stage: str) -> dict | None:
+        # Its connection may have been lost since the last failure (a PostgreSQL restart the
+        # watch survived): try once more on a new one. Still nothing: show the failure without
+        # its text rather than end the watch; the final read of the watch fills it in.
+        for _ in range(2):
+            try:
+                return query(job_id, variant_id, stage)
+            except (psycopg.OperationalError, psycopg.InterfaceError, db.DatabaseUnavailable):
+                old = holder.pop("conn", None)
+                if old is not None:
+                    old.close()
+        return None
 
     lookup.close = lambda: holder.pop("conn").close() if "conn" in holder else None  # type: ignore[attr-defined]
     return lookup

@@ -79,7 +79,10 @@ def load_graph(conn: Connection) -> list[dict]:
 def replay_failed(conn: Connection, job_id: str | None = None, stage: str | None = None,
                   since: datetime | None = None, dry_run: bool = False, task_id: int | None = None) -> list[dict]:
     """Puts failed tasks back in the queue with their attempts reset; their variant (or job) goes
-    back to (stage, queued) and a failed job to running. Cancelled jobs are never revived."""
+    back to (stage, queued), and a job that failed at its fan-in (every variant failed) to running,
+    so that the fan-in fires when the replayed variant finishes. A job that failed in a job stage
+    stays failed when one of its variants is replayed: its job stages ran, without that variant
+    (docs/semantics.md). Cancelled jobs are never revived."""
     select = """
         SELECT t.id, t.job_id, t.job_variants_id, t.stage, t.attempts, t.last_error, t.finished_at
         FROM stage_tasks t JOIN jobs j ON j.job_id = t.job_id
@@ -110,5 +113,7 @@ def replay_failed(conn: Connection, job_id: str | None = None, stage: str | None
                    current_step = CASE WHEN t.job_variants_id IS NULL THEN t.stage ELSE j.current_step END
             FROM stage_tasks t
             WHERE t.id = ANY (%s) AND j.job_id = t.job_id
-              AND (t.job_variants_id IS NULL OR j.status = 'failed')""", (ids,))
+              AND (t.job_variants_id IS NULL OR (j.status = 'failed' AND NOT EXISTS (
+                       SELECT 1 FROM stage_tasks jt WHERE jt.job_id = j.job_id AND jt.job_variants_id IS NULL)))""",
+                     (ids,))
     return rows

@@ -9,7 +9,7 @@ from typing import Callable
 
 from psycopg import Connection
 
-from outbox.artifacts import ArtifactStore
+from outbox.artifacts import ArtifactStore, read_asset
 from outbox.jobs import NotFound, validate_uuid
 
 TASK_COLUMNS = ("t.id, t.job_variants_id::text AS variant_id, t.stage, t.status, t.attempts, t.max_attempts, "
@@ -62,16 +62,14 @@ def gather(conn: Connection, job_id: str) -> dict:
     }
 
 
-def asset_reader(store: ArtifactStore, asset_root: Path) -> Callable[[str], bytes]:
-    """Reads an image asset uri (an artifact key, or `file:` under ASSET_ROOT) or an artifact key."""
+def asset_reader(store: ArtifactStore, asset_root: Path, tenant: str | None = None) -> Callable[[str], bytes]:
+    """Reads an image asset uri (an artifact key, or `file:` under ASSET_ROOT) or an artifact key,
+    with the worker's checks (outbox.artifacts.read_asset): keys parsed by segment, `file:`
+    paths kept inside ASSET_ROOT, and, given the job's `tenant`, keys of other tenants refused.
+    A refusal raises; the report shows it in place of the image."""
     root = Path(asset_root).resolve()
 
     def read(uri: str) -> bytes:
-        if uri.startswith("file:"):
-            path = (root / uri[len("file:"):]).resolve()
-            if not path.is_relative_to(root):
-                raise PermissionError(f"image path {uri[5:]!r} is outside the asset root")
-            return path.read_bytes()
-        return store.get(uri)
+        return read_asset(store, root, uri, tenant)
 
     return read

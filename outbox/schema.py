@@ -10,6 +10,10 @@ STATUSES = ("queued", "running", "done", "failed", "cancelled")
 _status_check = "status IN ('queued', 'running', 'done', 'failed', 'cancelled')"
 
 
+# The tenant rule of outbox/jobs.py's TENANT_PATTERN, in the database (migration 0003).
+_tenant_check = "tenant_id ~ '^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$'"
+
+
 def _now():
     return text("now()")
 
@@ -27,6 +31,7 @@ image_assets = Table(
     Column("byte_size", BigInteger),
     Column("sha256", Text),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_current_timestamp()),
+    CheckConstraint(_tenant_check, name="image_assets_tenant_id_format"),
 )
 
 jobs = Table(
@@ -37,7 +42,12 @@ jobs = Table(
     Column("current_step", Text),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_current_timestamp()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=_current_timestamp()),
+    # The variant set (migration 0003): how many variants the generator will write, and when the
+    # set was closed; the fan-in waits for the close.
+    Column("expected_variants", Integer, CheckConstraint("expected_variants >= 1")),
+    Column("variants_closed_at", DateTime(timezone=True)),
     CheckConstraint(_status_check),
+    CheckConstraint(_tenant_check, name="jobs_tenant_id_format"),
     Index("jobs_status_idx", "status"),
     Index("jobs_current_step_idx", "current_step"),
     Index("jobs_updated_at_idx", "updated_at"),

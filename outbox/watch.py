@@ -1,15 +1,83 @@
-"""Following a job live, driven by LISTEN on the old system's state channels, never by polling."""
+"""Following a job live, driven by LISTEN on the old system's state channels, never by polling.
+
+A lost connection (PostgreSQL restarted, a network blip) is not the end of a watch: the watcher
+reconnects with the worker's backoff rule, LISTENs again and re-reads the job from its tables,
+because a state change committed while it was away sent a notification nobody heard."""
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Iterator
+import sys
+import time
+from typing import Callable, Iterator
 
+import psycopg
 from psycopg import Connection
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from outbox import config, db
 from outbox.jobs import job_detail
 from outbox.queue import JOB_CHANNEL, VARIANT_CHANNEL
 
 FINAL_STATUSES = {"failed", "cancelled"}
+
+# The reconnect rule shared with the worker's listener (workers/worker.py, WorkerSettings): the
+# first wait is JOB_STATE_LISTENER_RECONNECT_DELAY (config.reconnect_delay()), doubled after
+# each failed attempt, up to this cap. It lives here, not in the worker, so that the CLI's
+# watcher can use it without importing the worker (and its stages and metrics).
+RECONNECT_MAX_S = 60.0
+
+# How long a watcher (`cli.py watch`, `submit --wait`) keeps trying to get its connection back
+# before it gives up with exit 4: long enough for a PostgreSQL restart or a failover (tens of
+# seconds), short enough that a script waiting on it learns of a real outage. WATCH_RECONNECT_TIMEOUT
+# overrides it (tests use a few seconds).
+WATCH_RECONNECT_TIMEOUT_S = 90.0
+
+# What a lost or unusable connection raises: psycopg's OperationalError (AdminShutdown on a
+# server shutdown, "server closed the connection unexpectedly", ...), InterfaceError when the
+# connection is already closed, and db.DatabaseUnavailable from db.connect while it is away.
+CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, db.DatabaseUnavailable)
+
+# Causes describe_error leaves out: the CancelledError behind every asyncio timeout says nothing.
+_NOISE = (asyncio.CancelledError, GeneratorExit)
+
+
+def describe_error(exc: BaseException, context: bool = True) -> str:
+    """One line for a log or an error message: "Type: message", then each cause in the chain
+    ("; caused by ..." for `raise ... from`, and with context=True "; while handling ..." for an
+    exception raised while another was being handled, as a traceback shows them).
+
+    Why: several errors carry no message at all (TimeoutError from asyncio.timeout, PoolTimeout
+    from a pool that never connected), and `"%s" % exc` then printed nothing ("worker stopped: ").
+    Multi-line messages (libpq's "...\n\tIs the server running...") are joined into one line. A
+    cause that adds nothing (its message already shown, or the CancelledError behind a timeout)
+    is left out."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    link = ""
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        message = " ".join(line.strip() for line in str(current).splitlines() if line.strip())
+        name = type(current).__name__
+        shown = "".join(parts)
+        if not parts:
+            parts.append(f"{name}: {message}" if message else name)
+        elif not isinstance(current, _NOISE) and (
+                (message and message not in shown) or (not message and name not in shown)):
+            parts.append(f"{link}{name}: {message}" if message else f"{link}{name}")
+        if current.__cause__ is not None:
+            current, link = current.__cause__, "; caused by "
+        elif context and current.__context__ is not None and not current.__suppress_context__:
+            current, link = current.__context__, "; while handling "
+        else:
+            current = None
+    return "".join(parts)
+
+
+def reconnect_timeout() -> float:
+    """Seconds a watcher keeps trying to reconnect (WATCH_RECONNECT_TIMEOUT, default 90)."""
+    return config.env_float("WATCH_RECONNECT_TIMEOUT", WATCH_RECONNECT_TIMEOUT_S)
 
 
 def final_job_stage(conn: Connection) -> str:
@@ -21,25 +89,148 @@ def job_finished(job: dict, final_stage: str) -> bool:
     return job["status"] in FINAL_STATUSES or (job["status"] == "done" and job["current_step"] == final_stage)
 
 
-def watch_job(conn: Connection, job_id: str) -> Iterator[dict]:
-    """Yields the job's detail once, then each state change of the job or its variants
-    ({"channel", "payload"}), and ends when the job is finished. LISTEN comes before the first
-    read, so no change between the two is missed."""
-    final_stage = final_job_stage(conn)
-    conn.execute(f"LISTEN {VARIANT_CHANNEL}")
-    conn.execute(f"LISTEN {JOB_CHANNEL}")
-    try:
-        job = job_detail(conn, job_id)
-        yield {"channel": "snapshot", "payload": job}
-        if job_finished(job, final_stage):
+def same_database(conn: Connection) -> Callable[[], Connection]:
+    """A factory of new connections to the database `conn` is connected to, with its password
+    (conn.info.dsn leaves the password out). Not db.resolve_url(): without DATABASE_URL that
+    would start an embedded server, not reach the one `conn` was opened on."""
+    params = conninfo_to_dict(conn.info.dsn)
+    if conn.info.password:
+        params["password"] = conn.info.password
+    dsn = make_conninfo(**params)
+    return lambda: db.connect(dsn)
+
+
+def _stderr_notice(text: str) -> None:
+    # sys.stderr looked up at each call: under rich's live display it is its redirecting proxy,
+    # which prints the line above the progress bars instead of through them.
+    print(text, file=sys.stderr, flush=True)
+
+
+class JobWatch:
+    """One job followed over LISTEN, across lost connections.
+
+    `events()` yields {"channel": "snapshot", "payload": job_detail} first, then each state change
+    of the job or its variants ({"channel", "payload"} as notified), and after a reconnect a
+    {"channel": "resync", "payload": job_detail} read afresh; it ends when the job is finished.
+    `read(fn)` runs fn(connection) with the same reconnecting (the final read of a watch).
+
+    Connection loss: one line on stderr ("connection to the database lost (...); reconnecting"),
+    then attempts with the worker's backoff (first JOB_STATE_LISTENER_RECONNECT_DELAY s, doubling,
+    at most RECONNECT_MAX_S). If none succeeds within `timeout_s` (WATCH_RECONNECT_TIMEOUT, default
+    90 s) it raises db.DatabaseUnavailable, which the CLI turns into exit 4 with its message."""
+
+    def __init__(self, conn: Connection, job_id: str, connect: Callable[[], Connection] | None = None,
+                 timeout_s: float | None = None, first_delay_s: float | None = None,
+                 max_delay_s: float = RECONNECT_MAX_S, notice: Callable[[str], None] | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.conn = conn
+        self.job_id = job_id
+        self.connect = connect or same_database(conn)
+        self.timeout_s = reconnect_timeout() if timeout_s is None else timeout_s
+        self.first_delay_s = config.reconnect_delay() if first_delay_s is None else first_delay_s
+        self.max_delay_s = max_delay_s
+        self.notice = notice or _stderr_notice
+        self.sleep = sleep
+        self.where = f"{conn.info.host}:{conn.info.port}/{conn.info.dbname}"
+        self.reconnects = 0
+        self._own: Connection | None = None  # a connection we opened (closed by close())
+        self._final_stage: str | None = None
+        self._snapshot_sent = False
+
+    # ------------------------------------------------------------------ following
+    def events(self) -> Iterator[dict]:
+        try:
+            while True:
+                try:
+                    # The first read is the snapshot the caller builds on (even when it needed a
+                    # reconnect); every later one is a resync.
+                    yield from self._follow("resync" if self._snapshot_sent else "snapshot")
+                    return
+                except CONNECTION_ERRORS as exc:
+                    self._reconnect(exc)
+        finally:
+            self._unlisten()
+
+    def _follow(self, kind: str) -> Iterator[dict]:
+        """LISTEN, then read, then the notifications: LISTEN comes before the read, so no change
+        between the two is missed (on the first connection and after every reconnect)."""
+        conn = self.conn
+        if self._final_stage is None:
+            self._final_stage = final_job_stage(conn)
+        conn.execute(f"LISTEN {VARIANT_CHANNEL}")
+        conn.execute(f"LISTEN {JOB_CHANNEL}")
+        job = job_detail(conn, self.job_id)
+        self._snapshot_sent = True
+        yield {"channel": kind, "payload": job}
+        if job_finished(job, self._final_stage):
             return
         for note in conn.notifies():
             payload = json.loads(note.payload)
             if payload.get("job_id") != job["job_id"]:
                 continue
             yield {"channel": note.channel, "payload": payload}
-            if note.channel == JOB_CHANNEL and job_finished(payload, final_stage):
+            if note.channel == JOB_CHANNEL and job_finished(payload, self._final_stage):
                 return
-    finally:
-        conn.execute(f"UNLISTEN {VARIANT_CHANNEL}")
-        conn.execute(f"UNLISTEN {JOB_CHANNEL}")
+
+    def read(self, fn: Callable[[Connection], object]):
+        while True:
+            try:
+                return fn(self.conn)
+            except CONNECTION_ERRORS as exc:
+                self._reconnect(exc)
+
+    # ------------------------------------------------------------------ reconnecting
+    def _reconnect(self, exc: BaseException) -> None:
+        lost_at = time.monotonic()
+        deadline = lost_at + self.timeout_s
+        self._close_own()
+        self.notice(f"connection to the database at {self.where} lost ({describe_error(exc)}); "
+                    f"reconnecting (giving up after {self.timeout_s:g} s)")
+        delay, last = self.first_delay_s, exc
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise db.DatabaseUnavailable(
+                    f"lost the connection to the database at {self.where} and could not reconnect within "
+                    f"{self.timeout_s:g} s (WATCH_RECONNECT_TIMEOUT); last error: {describe_error(last, context=False)}. "
+                    f"The job itself is not affected: `cli.py watch {self.job_id}` follows it again later")
+            self.sleep(min(delay, left))
+            try:
+                conn = self.connect()
+            except CONNECTION_ERRORS as err:
+                # context=False above: each attempt runs while the loss is being handled, and
+                # "while handling <the loss>" would only repeat the first line we printed.
+                last = err
+                delay = min(delay * 2, self.max_delay_s)
+                continue
+            self.conn = self._own = conn
+            self.reconnects += 1
+            self.notice(f"reconnected after {time.monotonic() - lost_at:.1f} s; re-reading the job's state "
+                        "(changes made meanwhile sent no notification we could hear)")
+            return
+
+    def _unlisten(self) -> None:
+        conn = self.conn
+        if conn.closed or conn.broken:
+            return
+        try:
+            conn.execute(f"UNLISTEN {VARIANT_CHANNEL}")
+            conn.execute(f"UNLISTEN {JOB_CHANNEL}")
+        except psycopg.Error:
+            pass  # lost just now: nothing is listening any more either
+
+    def _close_own(self) -> None:
+        if self._own is not None:
+            self._own.close()
+            self._own = None
+
+    def close(self) -> None:
+        """Closes the connection the watch opened itself (never the caller's)."""
+        self._close_own()
+
+
+def watch_job(conn: Connection, job_id: str, **options) -> Iterator[dict]:
+    """Yields the job's detail once, then each state change of the job or its variants
+    ({"channel", "payload"}), and ends when the job is finished; reconnects on a lost connection
+    (see JobWatch, which takes the options)."""
+    return JobWatch(conn, job_id, **options).events()

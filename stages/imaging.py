@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -37,8 +38,56 @@ def max_image_pixels() -> int:
     return value
 
 
-def load_image(data: bytes | bytearray | memoryview | None) -> Image.Image:
-    """Decodes untrusted bytes into an RGB image, refusing anything a later stage could not use."""
+# The formats an image may arrive in: what image generators write and Instagram takes. (Pillow's
+# JPEG plugin also opens multi-picture JPEGs from cameras, which report the format "MPO".)
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """Opens `data` lazily (the header only) with Pillow's own plugins for ALLOWED_FORMATS.
+
+    Not through PIL.Image.open: ultralytics replaces that function when it is imported (to add
+    HEIF through pi_heif), and its replacement answers bytes Pillow cannot identify with
+    `No module named 'pi_heif'` or a pip install instead of our message. This is what
+    Image.open does inside (each plugin's accept() on the first bytes, then its factory), over
+    the plugin registry Image.OPEN, which the patch leaves alone. It also skips Pillow's own
+    decompression-bomb check: ours below quotes our MAX_IMAGE_PIXELS, not Pillow's limit.
+    """
+    Image.preinit()  # registers PNG and JPEG
+    if any(fmt not in Image.OPEN for fmt in ALLOWED_FORMATS):
+        Image.init()  # WebP and the rest
+    prefix = data[:16]
+    for fmt in ALLOWED_FORMATS:
+        if fmt not in Image.OPEN:  # pragma: no cover - a Pillow built without WebP
+            continue
+        factory, accept = Image.OPEN[fmt]
+        result = accept(prefix) if accept else True
+        if isinstance(result, str) or not result:  # a str is Pillow's "mine, but unsupported here"
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue  # how a plugin says "not mine after all"; Image.open moves on likewise
+    raise UnidentifiedImageError(_identify(prefix))
+
+
+def _identify(prefix: bytes) -> str | None:
+    """The name of a format Pillow knows but we do not accept, for the message."""
+    Image.init()
+    for fmt, (_factory, accept) in Image.OPEN.items():
+        try:
+            result = accept(prefix) if accept else False
+            if fmt not in ALLOWED_FORMATS and result and not isinstance(result, str):
+                return fmt
+        except Exception:  # pragma: no cover - an accept() that trips over a short prefix
+            continue
+    return None
+
+
+def open_checked(data: bytes | bytearray | memoryview | None) -> Image.Image:
+    """Untrusted bytes decoded (not yet converted) after every check that needs no colour work:
+    type, size 0, format in ALLOWED_FORMATS, the pixel limit from the header alone, the
+    geometry, then the full decode. Each refusal is a PermanentStageError naming the problem."""
     if data is None:
         raise PermanentStageError("no image: the variant has no image bytes")
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -48,16 +97,17 @@ def load_image(data: bytes | bytearray | memoryview | None) -> Image.Image:
         raise PermanentStageError("image is empty (0 bytes)")
 
     limit = max_image_pixels()
+    accepted = ", ".join(ALLOWED_FORMATS[:-1]) + " or " + ALLOWED_FORMATS[-1]
     try:
         with warnings.catch_warnings():
             # Our own limit decides below; Pillow's warning would only add noise to the logs.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
-    except Image.DecompressionBombError as exc:
-        raise PermanentStageError(f"image refused as a decompression bomb: {exc}") from None
-    except UnidentifiedImageError:
+            img = _open_header(data)  # lazy: reads the header only
+    except UnidentifiedImageError as exc:
+        if exc.args and exc.args[0]:
+            raise PermanentStageError(f"image format {exc.args[0]} is not accepted: use {accepted}") from None
         raise PermanentStageError(
-            f"not a recognised image format ({len(data)} bytes, starting {data[:8]!r})"
+            f"not a recognised image format: not {accepted} ({len(data)} bytes, starting {data[:8]!r})"
         ) from None
     except Exception as exc:  # a malformed header can raise nearly anything inside a plugin
         raise PermanentStageError(f"image header is corrupt: {type(exc).__name__}: {exc}") from None
@@ -71,13 +121,27 @@ def load_image(data: bytes | bytearray | memoryview | None) -> Image.Image:
     _check_geometry(width, height)
 
     try:
-        img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
     except Exception as exc:  # truncated streams surface as OSError, SyntaxError, ValueError...
         raise PermanentStageError(
             f"image data is truncated or corrupt ({img.format or 'unknown'} {width}x{height}, "
             f"{len(data)} bytes): {type(exc).__name__}: {exc}"
         ) from None
+    return img
 
+
+def check_image(data: bytes | bytearray | memoryview | None) -> tuple[str, int, int]:
+    """(format, width, height) of an image every stage will accept, else PermanentStageError:
+    what `submit` runs on each file, so bad images are refused before a job exists."""
+    img = open_checked(data)
+    return img.format or "unknown", img.width, img.height
+
+
+def load_image(data: bytes | bytearray | memoryview | None) -> Image.Image:
+    """Decodes untrusted bytes into an RGB image, refusing anything a later stage could not use."""
+    img = open_checked(data)
     try:
         img = ImageOps.exif_transpose(img)
         rgb = _to_srgb_rgb(img)

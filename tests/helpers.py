@@ -6,10 +6,11 @@ import uuid
 
 
 def insert_job(conn, tenant="acme", copy="Buy one, get one free", variants=3, step="img_gen", status="done") -> tuple[str, list[str]]:
-    """A job as an outside writer would create it, with plain SQL."""
+    """A job as an outside writer would create it, with plain SQL, one statement at a time: the job
+    says how many variants it will have, which closes its variant set once they are written."""
     job_id = str(uuid.uuid4())
-    conn.execute("INSERT INTO jobs (job_id, tenant_id, status, current_step) VALUES (%s, %s, 'running', 'img_gen')",
-                 (job_id, tenant))
+    conn.execute("INSERT INTO jobs (job_id, tenant_id, status, current_step, expected_variants) "
+                 "VALUES (%s, %s, 'running', 'img_gen', %s)", (job_id, tenant, variants or None))
     conn.execute("INSERT INTO job_inputs (job_id, ad_copy) VALUES (%s, %s)", (job_id, copy))
     vids = [str(uuid.uuid4()) for _ in range(variants)]
     for i, vid in enumerate(vids):
@@ -53,13 +54,15 @@ def run_variant_stages(conn, owner="w1"):
             done += 1
 
 
-def wait_until(predicate, timeout: float = 30, interval: float = 0.05, what: str = "condition"):
-    """Polls predicate until it returns something truthy (returned), or fails the test."""
+def wait_until(predicate, timeout: float = 30, interval: float = 0.05, what: str = "condition",
+               detail=lambda: ""):
+    """Polls predicate until it returns something truthy (returned), or fails the test, with
+    detail() (a log, say) in the message."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout} s")
+            raise AssertionError(f"{what} not reached in {timeout} s\n{detail()}")
         time.sleep(interval)

@@ -21,7 +21,7 @@ def worker_functions() -> set[str]:
 
 def test_no_worker_operation_is_jit_compiled(conn):
     names = worker_functions()
-    assert {"outbox_claim", "outbox_complete_many", "outbox_fail", "outbox_cancel_job"} <= names
+    assert {"outbox_claim", "outbox_complete_many", "outbox_fail", "outbox_cancel"} <= names
     rows = conn.execute("SELECT proname, coalesce(proconfig, '{}') AS config FROM pg_proc "
                         "WHERE proname = ANY (%s)", (sorted(names),)).fetchall()
     assert {r["proname"] for r in rows} == names

@@ -3,7 +3,6 @@ cannot be reached or is not migrated; and the commands' happy paths."""
 from __future__ import annotations
 
 import json
-import time
 
 from tests.conftest import ROOT, cli
 
@@ -12,10 +11,8 @@ def env_for(db_url, home):
     return {"DATABASE_URL": db_url, "ADFLOW_HOME": str(home)}
 
 
-def test_help_is_fast_and_imports_no_ml_library():
-    started = time.perf_counter()
-    done = cli("--help", check=True)
-    assert time.perf_counter() - started < 5  # a loose bound for a loaded machine; bench/ measures it
+def test_help_lists_the_commands_and_imports_no_ml_library():
+    done = cli("--help", check=True)  # its time: bench/cli_startup.py
     assert "replay-failed" in done.stdout and "run-stage" in done.stdout
     import subprocess
     import sys
@@ -55,7 +52,7 @@ def test_submit_status_replay_cancel_round_trip(db_url, home, tiny_png):
     assert "would replay 0 task(s)" in dry.stdout
     assert cli("cancel", job["job_id"], env=env, check=True).stdout.startswith(f"job {job['job_id']} cancelled")
     again = cli("cancel", job["job_id"], env=env)
-    assert again.returncode == 2 and "already cancelled" in again.stderr
+    assert again.returncode == 0 and "already cancelled; nothing to do" in again.stdout
 
 
 def test_bad_arguments_and_unknown_ids(db_url, home, tiny_png, tmp_path):

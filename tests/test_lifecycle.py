@@ -5,10 +5,11 @@ import threading
 import time
 from datetime import timedelta
 
+import psycopg
 import pytest
 
 from outbox.artifacts import FileStore, PostgresStore, open_store
-from outbox.jobs import InvalidInput, NotFound, cancel_job, submit_job
+from outbox.jobs import Cancelled, InvalidInput, NotFound, cancel_job, submit_job
 from outbox.retention import prune
 from tests.helpers import claim, complete, insert_job
 from tests.workerproc import WorkerProcess, wait_for_jobs
@@ -60,17 +61,22 @@ def test_private_file_stores_fail_clearly_and_postgres_store_completes(conn, db_
 def test_cancel_queued_job(conn):
     job_id, vids = insert_job(conn, variants=3)
     [task] = claim(conn, limit=1)
-    assert cancel_job(conn, job_id) == 3  # two queued + one running
+    assert cancel_job(conn, job_id).tasks == 3  # two queued + one running
     rows = conn.execute("SELECT status, count(*) AS n FROM stage_tasks WHERE job_id = %s GROUP BY status", (job_id,)).fetchall()
     assert rows == [{"status": "cancelled", "n": 3}]
     assert not complete(conn, task)  # the running stage's completion is refused
     statuses = {r["status"] for r in conn.execute("SELECT status FROM jobs_variants WHERE job_id = %s", (job_id,))}
     assert statuses == {"cancelled"}
     assert conn.execute("SELECT status FROM jobs WHERE job_id = %s", (job_id,)).fetchone()["status"] == "cancelled"
-    # nothing new is enqueued for it, even by an outside writer
-    conn.execute("UPDATE jobs_variants SET status = 'done', current_step = 'img_gen' WHERE job_id = %s", (job_id,))
+    # nothing new is enqueued for it, even by an outside writer: a variant that started cannot be
+    # re-signalled at all, and one that never started can, but starts nothing
+    started = conn.execute("SELECT job_variants_id::text AS v FROM jobs_variants WHERE job_id = %s "
+                           "AND current_step = 'vlm_analyze'", (job_id,)).fetchone()["v"]
+    with pytest.raises(psycopg.errors.CheckViolation, match=f"variant {started}.*already started"):
+        conn.execute("UPDATE jobs_variants SET status = 'done', current_step = 'img_gen' WHERE job_id = %s", (job_id,))
+    conn.execute("UPDATE jobs_variants SET status = 'done', current_step = 'img_gen' WHERE job_id = %s "
+                 "AND job_variants_id <> %s", (job_id, started))
     assert conn.execute("SELECT count(*) AS n FROM stage_tasks WHERE job_id = %s", (job_id,)).fetchone()["n"] == 3
-    assert conn.execute("SELECT status FROM jobs_variants WHERE job_variants_id = %s", (vids[0],)).fetchone()["status"] == "done"
     from outbox import queue
 
     assert queue.replay_failed(conn, job_id=job_id) == []
@@ -88,9 +94,8 @@ def test_cancel_errors(conn):
     with pytest.raises(InvalidInput, match="already finished"):
         cancel_job(conn, job_id)
     job2, _ = insert_job(conn, variants=1)
-    cancel_job(conn, job2)
-    with pytest.raises(InvalidInput, match="already cancelled"):
-        cancel_job(conn, job2)
+    assert cancel_job(conn, job2) == Cancelled(already=False, tasks=1)
+    assert cancel_job(conn, job2) == Cancelled(already=True, tasks=0)  # a no-op that says so
 
 
 def test_cancel_while_workers_run_commits_no_result_after(conn, db_url, home, tiny_png, tmp_path):
@@ -123,16 +128,21 @@ def test_cancel_racing_the_fan_in(conn, db_url):
 
     for _ in range(20):
         job_id, vids = insert_job(conn, variants=2, step="readability_eval", status="done")
-        conn.execute("UPDATE stage_tasks SET status = 'done' WHERE job_id = %s", (job_id,))
+        # Written as the engine writes them: the task's state, then the variant's, in one transaction.
+        conn.execute("UPDATE stage_tasks SET status = 'running' WHERE job_id = %s", (job_id,))
         conn.execute("UPDATE jobs_variants SET current_step = 'iou_eval', status = 'running' WHERE job_id = %s", (job_id,))
-        conn.execute("UPDATE jobs_variants SET status = 'done' WHERE job_variants_id = %s", (vids[0],))
+        with conn.transaction():
+            conn.execute("UPDATE stage_tasks SET status = 'done' WHERE job_variants_id = %s", (vids[0],))
+            conn.execute("UPDATE jobs_variants SET status = 'done' WHERE job_variants_id = %s", (vids[0],))
         other = db.connect(db_url)
         barrier = threading.Barrier(2)
         outcome = {}
 
         def finish():
             barrier.wait()
-            other.execute("UPDATE jobs_variants SET status = 'done' WHERE job_variants_id = %s", (vids[1],))
+            with other.transaction():
+                other.execute("UPDATE stage_tasks SET status = 'done' WHERE job_variants_id = %s", (vids[1],))
+                other.execute("UPDATE jobs_variants SET status = 'done' WHERE job_variants_id = %s", (vids[1],))
 
         def cancel():
             barrier.wait()

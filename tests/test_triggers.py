@@ -124,15 +124,17 @@ def test_fan_in_race_exactly_one_job_stage_each_time(conn, db_url):
     try:
         for _ in range(repetitions):
             job_id, vids = insert_job(conn, variants=width, step="readability_eval", status="done")
-            conn.execute("UPDATE stage_tasks SET status = 'done' WHERE job_id = %s", (job_id,))
             barrier = threading.Barrier(width)
             errors = []
 
+            # As the engine writes them: the iou_eval task's state, then the variant's.
             def finish(c, vid):
                 try:
+                    c.execute("UPDATE stage_tasks SET status = 'running' WHERE job_variants_id = %s", (vid,))
                     c.execute("UPDATE jobs_variants SET current_step = 'iou_eval', status = 'running' WHERE job_variants_id = %s", (vid,))
                     c.commit()
                     barrier.wait()
+                    c.execute("UPDATE stage_tasks SET status = 'done' WHERE job_variants_id = %s", (vid,))
                     c.execute("UPDATE jobs_variants SET status = 'done' WHERE job_variants_id = %s", (vid,))
                     c.commit()
                 except Exception as exc:  # pragma: no cover - reported below

@@ -12,6 +12,7 @@ import typer
 
 from outbox import config, db
 from outbox.artifacts import open_store
+from outbox.watch import describe_error
 
 app = typer.Typer(help="Run pipeline workers.", no_args_is_help=True, add_completion=False)
 log = logging.getLogger("workers")
@@ -117,7 +118,7 @@ def start(
     except typer.BadParameter:
         raise
     except Exception as exc:
-        log.error("cannot start: %s", exc)
+        log.error("cannot start: %s", describe_error(exc))
         raise typer.Exit(2)
     if concurrency is None:
         batches = [built[name].max_batch for name in stage_list or list(built) if built[name].device == "gpu"]
@@ -133,7 +134,10 @@ def start(
     try:
         code = asyncio.run(worker.run())
     except Exception as exc:
-        log.error("worker stopped: %s", exc)
+        # describe_error, not "%s": a TimeoutError or PoolTimeout has no message, and this line
+        # read "worker stopped: " with nothing after it (a worker started while the database was
+        # down, giving up after DB_OPERATION_TIMEOUT).
+        log.error("worker stopped: %s", describe_error(exc))
         code = 2
     logging.shutdown()
     sys.stdout.flush()

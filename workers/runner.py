@@ -8,6 +8,7 @@ from typing import Sequence
 
 from dataclasses import dataclass, field
 
+from outbox import artifacts
 from outbox.artifacts import ArtifactStore, artifact_key, check_size
 from outbox.queue import ClaimedTask
 from stages.contract import PermanentStageError, StageInput, StageOutput, StageSpec
@@ -27,25 +28,28 @@ class TaskRunner:
         self.asset_root = Path(asset_root).resolve()
 
     def read_asset(self, uri: str, asset_tenant: str, tenant: str) -> bytes:
-        """An image asset of the task's own tenant: a store key, or a file under ASSET_ROOT."""
+        """An image asset of the task's own tenant: a store key, or a file under ASSET_ROOT.
+        Every refusal is permanent: a bad uri or tenant stays bad however often it is retried."""
         if asset_tenant != tenant:
             raise PermanentStageError(f"image asset belongs to tenant {asset_tenant!r}, not the job's tenant {tenant!r}: refused")
-        if uri.startswith("file:"):
-            path = (self.asset_root / uri[len("file:"):]).resolve()
-            # resolve() follows symlinks, so a link pointing outside the root is caught too.
-            if not path.is_relative_to(self.asset_root):
-                raise PermanentStageError(f"image path {uri[5:]!r} is outside the asset root: refused")
-            try:
-                return path.read_bytes()
-            except FileNotFoundError:
-                raise PermanentStageError(f"image file missing: {uri[5:]!r}") from None
-            except IsADirectoryError:
-                raise PermanentStageError(f"image path is a directory: {uri[5:]!r}") from None
-        return self.read_artifact(uri, tenant)
+        try:
+            # The same parsing and path check as the report's reader (outbox.artifacts.read_asset).
+            return artifacts.read_asset(self.store, self.asset_root, uri, tenant)
+        except artifacts.ArtifactNotFound:
+            what = f"image file missing: {uri[5:]!r}" if uri.startswith("file:") else f"artifact not found: {uri}"
+            raise PermanentStageError(what) from None
+        except (artifacts.InvalidKey, artifacts.TenantMismatch) as exc:
+            raise PermanentStageError(f"image asset {uri!r}: {exc}") from None
 
     def read_artifact(self, key: str, tenant: str) -> bytes:
-        if not key.startswith(f"{tenant}/"):
-            raise PermanentStageError(f"artifact {key!r} belongs to another tenant: refused")
+        try:
+            # Parsed by segment: the key's tenant segment must equal the task's tenant (a prefix
+            # test let tenant 'acme' read 'acme/evil/...').
+            artifacts.check_key_tenant(key, tenant)
+        except artifacts.TenantMismatch as exc:
+            raise PermanentStageError(str(exc)) from None
+        except artifacts.InvalidKey as exc:
+            raise PermanentStageError(f"{exc}: refused") from None
         try:
             return self.store.get(key)
         except KeyError:
@@ -53,6 +57,13 @@ class TaskRunner:
 
     def build_input(self, task: ClaimedTask) -> StageInput:
         row = task.inputs
+        # The tenant first, before any stage runs: a tenant written by plain SQL that breaks the
+        # rule (quotes, '/', Unicode, empty) would otherwise run three stages and then fail at
+        # overlay, the first stage that builds an artifact key, after all its retries.
+        try:
+            artifacts.check_tenant(task.tenant_id)
+        except artifacts.InvalidTenant as exc:
+            raise PermanentStageError(f"job {task.job_id} has an {exc}: refused (fix jobs.tenant_id)") from None
         if row["ad_copy"] is None:
             raise PermanentStageError(f"job {task.job_id} has no job_inputs row (no ad copy)")
         image = None
@@ -101,6 +112,9 @@ class TaskRunner:
                     keys[name] = key
                 result["artifacts"] = keys
             encoded = json.dumps(result, allow_nan=False)
+        except artifacts.InvalidKey as exc:
+            # e.g. an artifact name with '/' or '..': the same name fails on every attempt.
+            return PermanentStageError(f"stage {task.stage} returned an artifact that cannot be stored: {exc}")
         except (TypeError, ValueError) as exc:
             return PermanentStageError(f"stage {task.stage} returned a result that is not JSON: {exc}")
         except Exception as exc:

@@ -27,6 +27,7 @@ from outbox.queue import ClaimedTask
 from stages.contract import PermanentStageError, StageSpec
 from workers.metrics import Metrics
 from outbox.artifacts import INSERT_ARTIFACT
+from outbox.watch import RECONNECT_MAX_S, describe_error
 from workers.runner import Completed, TaskRunner
 
 log = logging.getLogger("workers")
@@ -35,10 +36,25 @@ log = logging.getLogger("workers")
 # is claiming right now shows as due but is locked; acting again at once would spin.
 MIN_DEADLINE_WAIT_S = 0.05
 COMPLETION_BATCH = 200
+# After a completion whose outcome is unknown, how often we try to read back whether it committed
+# (with the listener's backoff between tries) before saying we could not tell.
+OUTCOME_CHECK_TRIES = 8
 
 
 class WorkerStartError(RuntimeError):
     """The worker cannot start (unknown stage, schema missing, graph and registry disagree)."""
+
+
+class OutcomeUnknown(Exception):
+    """A completion's commit was under way (sent, or being sent) when its connection failed or
+    timed out: it may have committed or not, and only reading the database afterwards can tell.
+    Why a class of its own: "could not record the outcome" was logged for results that had in
+    fact committed (a worker frozen with SIGSTOP past its lease: on SIGCONT the answer was in the
+    socket, but the operation's timeout had expired first)."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(describe_error(cause))
+        self.cause = cause
 
 
 def new_worker_id() -> str:
@@ -62,7 +78,7 @@ class WorkerSettings:
     liveness_s: float = 30.0
     grace_s: float = 30.0
     reconnect_delay_s: float = 5.0
-    reconnect_max_s: float = 60.0
+    reconnect_max_s: float = RECONNECT_MAX_S  # shared with the CLI's watcher (outbox/watch.py)
     retry_base_s: float = 2.0
     retry_max_s: float = 300.0
     worker_id: str = field(default_factory=new_worker_id)
@@ -82,6 +98,7 @@ class Worker:
         self.timeouts: dict[str, float] = {}
         self.in_flight: dict[int, ClaimedTask] = {}
         self.executions: set[asyncio.Task] = set()
+        self.outcome_checks: set[asyncio.Task] = set()  # see _check_outcomes
         self.completions: asyncio.Queue | None = None
         self.wake: asyncio.Event | None = None
         self.stopping = False
@@ -120,6 +137,14 @@ class Worker:
         await self.pool.open(wait=False)
         try:
             await self._check_graph()
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, TimeoutError) as exc:
+            # The database is not there (yet): the pool retries in the background and the first
+            # operation times out after db_timeout_s with an exception that names no cause.
+            # One direct attempt tells why ("Connection refused", a bad password, ...).
+            why = await self._why_unreachable()
+            await self.pool.close()
+            raise WorkerStartError(f"cannot use the database at {db.safe_url(self.settings.url)}: "
+                                   f"{describe_error(exc)}{'; ' + why if why else ''}") from exc
         except Exception:
             await self.pool.close()
             raise
@@ -149,6 +174,7 @@ class Worker:
         for task in side_tasks | {stop_wait}:
             task.cancel()
         await asyncio.gather(*side_tasks, stop_wait, return_exceptions=True)
+        await self._cancel_outcome_checks()
         if health:
             await health.close()
         await self.pool.close()
@@ -181,6 +207,7 @@ class Worker:
                 return row["status"]
             finally:
                 flusher.cancel()
+                await self._cancel_outcome_checks()
                 self.executor.shutdown(wait=False)
 
     def request_stop(self, why: str = "request") -> None:
@@ -197,10 +224,31 @@ class Worker:
         """A pooled connection for one engine operation, bounded by db_timeout_s. A connection that
         stopped answering (half-open, a stuck middlebox, a frozen server) fails the operation with
         TimeoutError instead of hanging it forever; psycopg then cancels the query or, failing that
-        within 10 s, closes the connection, and the pool replaces it."""
-        async with asyncio.timeout(self.settings.db_timeout_s):
-            async with self.pool.connection() as conn:
-                yield conn
+        within 10 s, closes the connection, and the pool replaces it.
+
+        The TimeoutError it raises says what timed out: asyncio's own has no message, and the
+        logs then read "heartbeat failed ()" or "worker stopped: " with no reason at all."""
+        try:
+            async with asyncio.timeout(self.settings.db_timeout_s) as scope:
+                async with self.pool.connection() as conn:
+                    yield conn
+        except TimeoutError:
+            if not scope.expired():
+                raise  # a TimeoutError of the caller's own, not our bound
+            raise TimeoutError(f"no answer from the database within {self.settings.db_timeout_s:g} s "
+                               "(DB_OPERATION_TIMEOUT)") from None
+
+    async def _why_unreachable(self) -> str | None:
+        """One direct connection attempt, outside the pool, for its error message."""
+        try:
+            async with asyncio.timeout(self.settings.db_timeout_s):
+                conn = await db.connect_async(self.settings.url)
+        except Exception as exc:
+            # context=False: this runs while the pool's timeout is handled, which the caller
+            # already names.
+            return f"a direct connection attempt failed: {describe_error(exc, context=False)}"
+        await conn.close()
+        return "a direct connection attempt succeeded just after (was the database starting up?)"
 
     async def _check_graph(self) -> None:
         async with self._db() as conn:
@@ -250,7 +298,7 @@ class Worker:
             log.warning("handed back %d unfinished task(s) at shutdown: %s", len(rows), [r["id"] for r in rows])
         except (psycopg.Error, TimeoutError) as exc:
             log.error("could not hand back %d task(s) (%s); their leases will expire and another worker takes them",
-                      len(leftover), exc)
+                      len(leftover), describe_error(exc))
 
     # ----------------------------------------------------------------- listening
     async def _listen(self) -> None:
@@ -292,8 +340,7 @@ class Worker:
                 if self.stopping:
                     return
                 self.metrics.reconnects.inc()
-                log.warning("[LISTENER] connection lost (%s); reconnect attempt in %.1f s",
-                            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, delay)
+                log.warning("[LISTENER] connection lost (%s); reconnect attempt in %.1f s", describe_error(exc), delay)
                 try:
                     await asyncio.wait_for(self.stop_event.wait(), delay)
                 except asyncio.TimeoutError:
@@ -364,7 +411,7 @@ class Worker:
             except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, TimeoutError) as exc:
                 failures += 1
                 backoff = min(self.settings.reconnect_delay_s * failures, self.settings.reconnect_max_s)
-                log.warning("claim failed (%s); trying again in %.1f s", str(exc).strip() or type(exc).__name__, backoff)
+                log.warning("claim failed (%s); trying again in %.1f s", describe_error(exc), backoff)
                 self.deadline = loop.time() + backoff
 
     async def _fill(self) -> None:
@@ -471,11 +518,22 @@ class Worker:
                                 "now, or the job was cancelled): result dropped", task.stage, task.subject,
                                 extra=task_fields(task))
         except Exception as exc:
-            log.error("could not record the outcome of task %s (%s): %s; its lease will expire and it runs again",
-                      task.id, task.stage, str(exc).strip() or type(exc).__name__, extra=task_fields(task))
-            # The task stays running under our name, no longer renewed. The database leaves our
-            # own leases out of the deadline it gives us (we renew them), so wake when this one has
-            # run out and rescue it: a lone worker would otherwise leave it running forever.
+            if isinstance(exc, OutcomeUnknown):
+                # Not "could not record" alone: it may well have been recorded. _check_outcomes
+                # reads it back once the database answers and logs which it was. Either way the
+                # lease fence keeps it safe: a committed result ended the lease (a rescue then
+                # finds nothing), an uncommitted one runs again as attempt+1.
+                log.warning("could not record the outcome of task %s (%s) for certain: outcome unknown: the "
+                            "connection failed during the commit (%s), so it may or may not have committed; the "
+                            "lease fence makes a retry safe. Checking once the database answers", task.id,
+                            task.stage, exc, extra=task_fields(task))
+            else:
+                log.error("could not record the outcome of task %s (%s): %s; its lease will expire and it runs again",
+                          task.id, task.stage, describe_error(exc), extra=task_fields(task))
+            # The task stays running under our name, no longer renewed (unless its completion
+            # did commit). The database leaves our own leases out of the deadline it gives us (we
+            # renew them), so wake when this one has run out and rescue it: a lone worker would
+            # otherwise leave it running forever.
             when = asyncio.get_running_loop().time() + self.settings.lease_s + MIN_DEADLINE_WAIT_S
             self.orphan_deadline = max(self.orphan_deadline or 0.0, when)
             self.kick()
@@ -502,6 +560,10 @@ class Worker:
                 batch.append(self.completions.get_nowait())
             items = Jsonb([{"id": t.id, "attempt": t.attempt, "result": d.result} for t, d, _ in batch])
             pending = [(key, data, len(data)) for _, d, _ in batch for key, data in d.pending_artifacts.items()]
+            # Set once the commit may be under way: a failure before it (no pooled connection,
+            # a statement inside the explicit transaction) certainly committed nothing; a failure
+            # from then on leaves the outcome unknown (see OutcomeUnknown).
+            committing = False
             try:
                 async with self._db() as conn:
                     if pending:
@@ -514,15 +576,70 @@ class Worker:
                                        for key in d.pending_artifacts]
                             if dropped:
                                 await conn.execute("DELETE FROM artifacts WHERE key = ANY (%s)", (dropped,))
+                            committing = True  # the COMMIT goes out as this block ends
                     else:
+                        committing = True  # autocommit: the statement is its own transaction
                         row = await (await conn.execute(queue.COMPLETE_MANY, (self.owner, items))).fetchone()
                 accepted = set(row["accepted"])
                 for task, _, future in batch:
                     future.set_result(task.id in accepted)
             except Exception as exc:
+                error = OutcomeUnknown(exc) if committing else exc
                 for _, _, future in batch:
                     if not future.done():
-                        future.set_exception(exc)
+                        future.set_exception(error)
+                if committing:
+                    self._start_outcome_check([task for task, _, _ in batch])
+
+    def _start_outcome_check(self, tasks: list[ClaimedTask]) -> None:
+        check = asyncio.create_task(self._check_outcomes(tasks), name="outcome-check")
+        self.outcome_checks.add(check)
+        check.add_done_callback(self.outcome_checks.discard)
+
+    async def _cancel_outcome_checks(self) -> None:
+        for check in list(self.outcome_checks):
+            check.cancel()
+        await asyncio.gather(*self.outcome_checks, return_exceptions=True)
+
+    async def _check_outcomes(self, tasks: list[ClaimedTask]) -> None:
+        """Reads back whether completions whose outcome was unknown committed: a task's result
+        row (stage_results, one per task) carries the attempt that wrote it. Only a log line
+        depends on it; the engine's state does not (the lease fence already made it safe).
+        Tries with the listener's backoff while the database is away, a bounded number of times."""
+        delay = self.settings.reconnect_delay_s
+        last: BaseException | None = None
+        for _ in range(OUTCOME_CHECK_TRIES):
+            try:
+                async with self._db() as conn:
+                    rows = await (await conn.execute(
+                        "SELECT task_id, attempt FROM stage_results WHERE task_id = ANY (%s)",
+                        ([t.id for t in tasks],))).fetchall()
+                break
+            except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, TimeoutError) as exc:
+                last = exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_s)
+        else:
+            log.warning("could not check whether the completion of task(s) %s committed (%s); the lease fence keeps "
+                        "a retry safe either way", [t.id for t in tasks], describe_error(last))
+            return
+        stored = {row["task_id"]: row["attempt"] for row in rows}
+        for task in tasks:
+            attempt = stored.get(task.id)
+            if attempt == task.attempt:
+                self.metrics.completed.labels(task.stage).inc()
+                log.info("task %s (%s, %s): outcome known now: attempt %d committed after all; its result stands",
+                         task.id, task.stage, task.subject, task.attempt, extra=task_fields(task))
+            elif attempt is None:
+                # No row: not committed, or committed but refused by the fence (the lease had
+                # passed to another attempt, or the job was cancelled); the same for the engine.
+                log.warning("task %s (%s, %s): outcome known now: attempt %d not committed (no result; or the lease "
+                            "fence refused it); the task is retried like any lost attempt", task.id, task.stage,
+                            task.subject, task.attempt, extra=task_fields(task))
+            else:
+                log.warning("task %s (%s, %s): outcome known now: attempt %d not committed; attempt %d's result "
+                            "stands", task.id, task.stage, task.subject, task.attempt, attempt,
+                            extra=task_fields(task))
 
     async def _fail(self, task: ClaimedTask, exc: BaseException) -> None:
         permanent = isinstance(exc, PermanentStageError)
@@ -560,7 +677,7 @@ class Worker:
                     rows = await (await conn.execute(queue.HEARTBEAT, (self.owner, ids, self.settings.lease_s))).fetchall()
             except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, TimeoutError) as exc:
                 log.warning("heartbeat failed (%s); leases run out in %.0f s unless the database comes back",
-                            exc, self.settings.lease_s)
+                            describe_error(exc), self.settings.lease_s)
                 continue
             # Not lost: tasks that left in_flight meanwhile, or whose completion is being recorded
             # (it may have committed, ending the lease, just before this heartbeat).

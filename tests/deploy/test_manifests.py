@@ -392,6 +392,7 @@ def test_keda_queries_read_the_claimable_index_not_the_table(conn):
     """With many finished tasks (what a long-running table looks like), the planner answers the
     scaler's query from the partial indexes, never by scanning stage_tasks."""
     job_id, _ = insert_job(conn, variants=1, step=None, status="queued")
+    conn.execute("UPDATE jobs SET expected_variants = 3001 WHERE job_id = %s", (job_id,))  # the set grows
     conn.execute("""
         INSERT INTO jobs_variants (job_variants_id, job_id, creation_order, status)
         SELECT gen_random_uuid(), %s, g, 'queued' FROM generate_series(2, 3001) g""", (job_id,))

@@ -254,10 +254,11 @@ def wait_taken_over(conn, tasks: dict[int, dict], timeout: float = 60) -> float:
 
 def rescued_seconds(conn, held: dict[int, dict], at: float) -> float | None:
     """How long after `at` (time.time()) the last of the held tasks was put back in the queue by
-    the lease rescue (its run_after; a claim leaves it as it is). None: none was rescued."""
+    the lease rescue (error_details.requeued_at; run_after keeps the task's place in the queue).
+    None: none was rescued."""
     rows = conn.execute("""
-        SELECT id, extract(epoch FROM run_after)::float8 AS t FROM stage_tasks
-        WHERE id = ANY (%s) AND expired_leases > 0""", (list(held),)).fetchall()
+        SELECT id, (error_details->>'requeued_at')::float8 AS t FROM stage_tasks
+        WHERE id = ANY (%s) AND expired_leases > 0 AND error_details ? 'requeued_at'""", (list(held),)).fetchall()
     later = [r["t"] - at for r in rows if r["t"] >= at]
     return max(later) if later else None
 

@@ -65,8 +65,10 @@ def test_sigkill_random_workers_repeatedly(conn, db_url, home, tiny_png, tmp_pat
     assert rescues and max(rescues) < LEASE_S + 2.0, rescues
     assert takeovers and (SCALE > 1 or max(takeovers) < LEASE_S + 5.0), takeovers
     assert not log_problems(fleet.logs()), log_problems(fleet.logs())
+    ordered = sorted(takeovers)
     report("1 SIGKILL random workers", kills=len(kills), tasks_on_killed_workers=held_total,
            requeued_max_s=max(rescues), takeover_max_s=max(takeovers), takeover_mean_s=sum(takeovers) / len(takeovers),
+           takeover_p50_s=ordered[len(ordered) // 2], takeover_p90_s=ordered[int(len(ordered) * 0.9)],
            lease_s=LEASE_S, failed_tasks=len(failed_tasks), summary=str(summary))
 
 
