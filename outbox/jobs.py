@@ -195,15 +195,7 @@ def overview(conn: Connection, failures: int = 20) -> dict:
     # Jobs the fan-in waits on because their variant set is still open (docs/semantics.md): the
     # generator has not written (img_gen, done) and no expected_variants count closed it. Only
     # jobs at the generator's step or in the pipeline: other steps of the shared table are not ours.
-    open_sets = conn.execute("""
-        SELECT j.job_id::text, j.tenant_id, j.current_step, j.status, j.expected_variants,
-               extract(epoch FROM now() - j.created_at) AS age_s,
-               count(v.job_variants_id) AS variants,
-               count(v.job_variants_id) FILTER (WHERE outbox_variant_is_terminal(v.status, v.current_step)) AS finished
-        FROM jobs j LEFT JOIN jobs_variants v ON v.job_id = j.job_id
-        WHERE j.variants_closed_at IS NULL AND j.status NOT IN ('failed', 'cancelled')
-          AND (j.current_step = 'img_gen' OR outbox_is_stage(j.current_step, 'variant'))
-        GROUP BY j.job_id ORDER BY j.created_at LIMIT %s""", (failures,)).fetchall()
+    open_sets = conn.execute("SELECT * FROM outbox_open_variant_sets(%s)", (failures,)).fetchall()
     return {"jobs": jobs, "variants": variants, "stages": stages, "failures": recent_failures,
             "open_variant_sets": open_sets}
 

@@ -23,26 +23,34 @@ ALTER TABLE jobs ADD CONSTRAINT jobs_tenant_id_format
 ALTER TABLE image_assets ADD CONSTRAINT image_assets_tenant_id_format
     CHECK (tenant_id ~ '^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$') NOT VALID;
 
+-- The helpers below are PL/pgSQL, not SQL: called from other functions, a SQL function that
+-- cannot be inlined is planned again on every call (see 0002), and the triggers call them on
+-- every state write. PL/pgSQL keeps its plans for the session. No jit setting of their own: they
+-- run under their caller's (a SET clause costs a configuration save and restore per call).
+
 -- Whether a step is one of the engine's own stages (the graph), at either level.
 CREATE FUNCTION outbox_is_stage(p_step text, p_level text DEFAULT NULL) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM stage_graph g WHERE g.stage = p_step AND (p_level IS NULL OR g.level = p_level))
-$$;
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM stage_graph g WHERE g.stage = p_step AND (p_level IS NULL OR g.level = p_level));
+END $$;
 
 -- The job stage after which a job is finished: the one no job stage follows.
-CREATE FUNCTION outbox_last_job_stage() RETURNS text LANGUAGE sql STABLE AS $$
-    SELECT g.stage FROM stage_graph g
-    WHERE g.level = 'job'
-      AND NOT EXISTS (SELECT 1 FROM stage_graph n WHERE n.level = 'job' AND n.after_step = g.stage)
-$$;
+CREATE FUNCTION outbox_last_job_stage() RETURNS text LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT g.stage FROM stage_graph g
+            WHERE g.level = 'job'
+              AND NOT EXISTS (SELECT 1 FROM stage_graph n WHERE n.level = 'job' AND n.after_step = g.stage));
+END $$;
 
 -- Whether a job has gone past its fan-in (or stopped): nothing may join it, nothing fires twice.
 CREATE FUNCTION outbox_job_past_fan_in(p_status text, p_step text) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT p_status IN ('failed', 'cancelled')
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN p_status IN ('failed', 'cancelled')
         OR (p_status = 'done' AND p_step = outbox_last_variant_stage())
-        OR outbox_is_stage(p_step, 'job')
-$$;
+        OR outbox_is_stage(p_step, 'job');
+END $$;
 
 -- 1. Whether a write of a variant's (current_step, status) is one the engine's own paths make.
 -- Returns NULL when it is, or the reason it is refused. Once the pipeline started (the old or
@@ -59,14 +67,16 @@ LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_stage text;
     v_status text;
+    v_level text;
 BEGIN
     IF p_new_status = 'cancelled' THEN
         RETURN NULL;
     END IF;
-    IF outbox_is_stage(p_new_step, 'job') THEN
+    SELECT g.level INTO v_level FROM stage_graph g WHERE g.stage = p_new_step;
+    IF v_level = 'job' THEN
         RETURN format('%s is a job stage, never a variant''s step', p_new_step);
     END IF;
-    IF NOT outbox_is_stage(p_new_step, 'variant') THEN
+    IF v_level IS NULL THEN
         IF outbox_is_stage(p_old_step, 'variant') THEN
             RETURN format('its pipeline already started (it is at %s); re-signalling it to (%s, %s) is refused: '
                           'replay its failed tasks (cli.py replay-failed) or create a new job',
@@ -466,26 +476,46 @@ LANGUAGE sql SET jit = off AS $$
 $$;
 
 -- 3. The next deadline skips a cancelled job's queued tasks: the claim never takes them, so a
--- deadline on them woke idle workers every 50 ms for nothing (36 transactions a second). Per
--- stage, the first queued task in (run_after, id) order whose job is not cancelled: the same
--- index walk as the claim's.
+-- deadline on them woke idle workers every 50 ms for nothing (36 transactions a second). The
+-- plain minimum first, as in 0002 (the common case, on every claim that found fewer tasks than
+-- it asked for); only when it is already due, which the claim that just ran leaves only for a
+-- task locked by another claimer or one it must not take, the exact answer: per stage, the first
+-- queued task in (run_after, id) order whose job is not cancelled, the claim's own index walk.
 CREATE OR REPLACE FUNCTION outbox_next_deadline(p_stages text[], p_owner text) RETURNS double precision
 LANGUAGE plpgsql STABLE SET jit = off AS $$
+DECLARE
+    v_queued timestamptz;
 BEGIN
+    SELECT min(run_after) INTO v_queued FROM stage_tasks WHERE status = 'queued' AND stage = ANY (p_stages);
+    IF v_queued <= clock_timestamp() THEN
+        SELECT min(first.run_after) INTO v_queued FROM unnest(p_stages) AS s(stage)
+        CROSS JOIN LATERAL (
+            SELECT q.run_after FROM stage_tasks q
+            WHERE q.status = 'queued' AND q.stage = s.stage
+              AND (SELECT cj.status FROM jobs cj WHERE cj.job_id = q.job_id) <> 'cancelled'
+            ORDER BY q.run_after, q.id LIMIT 1) first;
+    END IF;
     RETURN extract(epoch FROM least(
-        (SELECT min(first.run_after) FROM unnest(p_stages) AS s(stage)
-         CROSS JOIN LATERAL (
-             SELECT q.run_after FROM stage_tasks q
-             WHERE q.status = 'queued' AND q.stage = s.stage
-               AND (SELECT cj.status FROM jobs cj WHERE cj.job_id = q.job_id) <> 'cancelled'
-             ORDER BY q.run_after, q.id LIMIT 1) first),
+        v_queued,
         (SELECT min(lease_expires_at) FROM stage_tasks
           WHERE status = 'running' AND lease_owner IS DISTINCT FROM p_owner)
     ) - clock_timestamp())::double precision;
 END $$;
 
--- jit = off on what the Python side calls (tests/test_claim_planning.py), here also cli.py status.
-ALTER FUNCTION outbox_is_stage SET jit = off;
-ALTER FUNCTION outbox_variant_is_terminal SET jit = off;
-ALTER FUNCTION outbox_variant_write_refusal SET jit = off;
-ALTER FUNCTION outbox_job_write_refusal SET jit = off;
+-- The jobs whose variant set is still open, for cli.py status (one query, in one place): only
+-- jobs at the generator's step or in the pipeline, since the shared table's other steps are not
+-- the engine's business.
+CREATE FUNCTION outbox_open_variant_sets(p_limit integer)
+RETURNS TABLE (job_id text, tenant_id varchar, current_step text, status text, expected_variants integer,
+               age_s double precision, variants bigint, finished bigint)
+LANGUAGE sql STABLE SET jit = off AS $$
+    SELECT j.job_id::text, j.tenant_id, j.current_step, j.status, j.expected_variants,
+           extract(epoch FROM now() - j.created_at)::double precision,
+           count(v.job_variants_id),
+           count(v.job_variants_id) FILTER (WHERE outbox_variant_is_terminal(v.status, v.current_step))
+    FROM jobs j LEFT JOIN jobs_variants v ON v.job_id = j.job_id
+    WHERE j.variants_closed_at IS NULL AND j.status NOT IN ('failed', 'cancelled')
+      AND (j.current_step = 'img_gen'
+           OR j.current_step IN (SELECT g.stage FROM stage_graph g WHERE g.level = 'variant'))
+    GROUP BY j.job_id ORDER BY j.created_at LIMIT p_limit
+$$;
