@@ -128,10 +128,12 @@ def submit(
     """Submit a job: images + ad copy; its variants start at (img_gen, done)."""
     from outbox.artifacts import open_store
     from outbox.jobs import submit_job
+    from stages.imaging import image_mime  # Pillow and numpy only, never ultralytics
 
     with database() as conn:
         with errors_to_exit_codes():
-            job = submit_job(conn, open_store(), images, copy, tenant=tenant, variants=variants)
+            job = submit_job(conn, open_store(), images, copy, tenant=tenant, variants=variants,
+                             check_image=image_mime)
         if as_json:
             emit_json({"job_id": job.job_id, "variant_ids": job.variant_ids})
         else:

@@ -160,9 +160,9 @@ def asset_path(asset_root: Path, relative: str) -> Path:
     return path
 
 
-def read_asset(store: "ArtifactStore", asset_root: Path, uri: str, tenant: str | None) -> bytes:
+def read_asset(store: "ArtifactStore", asset_root: Path, uri: str, tenant: str) -> bytes:
     """The bytes of an image asset uri: `file:<path under ASSET_ROOT>` or a store key, which
-    must belong to `tenant` (None: any valid key; only for callers with no tenant at hand).
+    must belong to `tenant`.
     Bad uris raise InvalidKey, another tenant's key TenantMismatch, a missing one
     ArtifactNotFound."""
     if isinstance(uri, str) and uri.startswith("file:"):
@@ -173,10 +173,7 @@ def read_asset(store: "ArtifactStore", asset_root: Path, uri: str, tenant: str |
             raise ArtifactNotFound(uri) from None
         except IsADirectoryError:
             raise InvalidKey(f"image path is a directory: {uri[5:]!r}") from None
-    if tenant is None:
-        check_key(uri)
-    else:
-        check_key_tenant(uri, tenant)
+    check_key_tenant(uri, tenant)
     return store.get(uri)
 
 

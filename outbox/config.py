@@ -140,6 +140,11 @@ def listener_enabled() -> bool:
     return env_bool("ENABLE_JOB_STATE_LISTENER", True)
 
 
+# The reconnect rule of the worker's listener and of the CLI's watcher (outbox/watch.py): the
+# first wait is JOB_STATE_LISTENER_RECONNECT_DELAY, doubled after each failed attempt, up to this.
+RECONNECT_MAX_S = 60.0
+
+
 def reconnect_delay() -> float:
     return env_float("JOB_STATE_LISTENER_RECONNECT_DELAY", 5.0)
 

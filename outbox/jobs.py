@@ -6,6 +6,7 @@ import mimetypes
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from psycopg import Connection
 from psycopg.types.json import Jsonb
@@ -17,7 +18,6 @@ from outbox.artifacts import TENANT_PATTERN, ArtifactStore, InvalidTenant, asset
 MAX_COPY_CHARS = 2000
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 # The format found in the bytes, not guessed from the name: a JPEG named .png is still a JPEG.
-IMAGE_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
 
 
 class InvalidInput(ValueError):
@@ -64,15 +64,17 @@ class Submitted:
 
 
 def submit_job(conn: Connection, store: ArtifactStore, images: list[Path], ad_copy: str, tenant: str = "default",
-               variants: int | None = None, extra: dict | None = None) -> Submitted:
+               variants: int | None = None, extra: dict | None = None,
+               check_image: Callable[[bytes], str] | None = None) -> Submitted:
     """Stores the images, then in one transaction writes image_assets, jobs, job_inputs and one
     variant per image (or `variants`, cycling through the images) at (img_gen, done): the
     triggers take it from there.
 
-    Every image is checked here, before anything is written, as the stages will check it
-    (stages.imaging.check_image: PNG, JPEG or WebP, the pixel limit MAX_IMAGE_PIXELS, the
-    minimum side and aspect ratio, a full decode), so a bad file is refused at once instead of
-    failing in a worker. Paths: a directory is refused as one; a symbolic link is followed only
+    check_image(bytes) -> MIME type, raising ValueError with the reason, is how the caller says
+    what the stages will accept (cli.py passes stages.imaging.image_mime: PNG, JPEG or WebP, the
+    pixel limit MAX_IMAGE_PIXELS, the minimum side and aspect ratio, a full decode); it runs on
+    every image before anything is written, so a bad file is refused at once instead of failing
+    in a worker. It is a parameter because outbox/ knows nothing of images (DESIGN.md). Paths: a directory is refused as one; a symbolic link is followed only
     when its target (after every link in the chain) lies inside the directory the link is in,
     so `submit uploads/x.png` cannot be made to read, say, ~/.ssh/id_rsa through a planted link."""
     validate_tenant(tenant)
@@ -82,11 +84,6 @@ def submit_job(conn: Connection, store: ArtifactStore, images: list[Path], ad_co
     count = variants if variants is not None else len(images)
     if count < 1:
         raise InvalidInput("a job needs at least one variant")
-    # Imported here, not at the top: cli.py imports this module for every command, and numpy and
-    # Pillow are not needed to print --help. stages.imaging never imports ultralytics.
-    from stages.contract import PermanentStageError
-    from stages.imaging import check_image
-
     blobs = []
     for path in images:
         path = Path(path)
@@ -101,14 +98,10 @@ def submit_job(conn: Connection, store: ArtifactStore, images: list[Path], ad_co
         except OSError as exc:  # e.g. no read permission
             raise InvalidInput(f"cannot read image {path}: {exc.strerror or exc}") from None
         try:
-            image_format = check_image(data)[0]
-        except PermanentStageError as exc:
+            mime = check_image(data) if check_image else None
+        except ValueError as exc:
             raise InvalidInput(f"image {path}: {exc}") from None
-        except ValueError as exc:  # MAX_IMAGE_PIXELS set to something that is not a number
-            from outbox.config import ConfigError
-
-            raise ConfigError(str(exc)) from None
-        blobs.append((path, data, IMAGE_MIME.get(image_format)))
+        blobs.append((path, data, mime))
     asset_ids, keys = [], []
     for path, data, _mime in blobs:
         asset_id = str(uuid.uuid4())

@@ -62,10 +62,10 @@ def gather(conn: Connection, job_id: str) -> dict:
     }
 
 
-def asset_reader(store: ArtifactStore, asset_root: Path, tenant: str | None = None) -> Callable[[str], bytes]:
+def asset_reader(store: ArtifactStore, asset_root: Path, tenant: str) -> Callable[[str], bytes]:
     """Reads an image asset uri (an artifact key, or `file:` under ASSET_ROOT) or an artifact key,
     with the worker's checks (outbox.artifacts.read_asset): keys parsed by segment, `file:`
-    paths kept inside ASSET_ROOT, and, given the job's `tenant`, keys of other tenants refused.
+    paths kept inside ASSET_ROOT, and keys of tenants other than the job's refused.
     A refusal raises; the report shows it in place of the image."""
     root = Path(asset_root).resolve()
 

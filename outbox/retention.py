@@ -14,9 +14,7 @@ SELECT j.job_id FROM jobs j
 WHERE j.updated_at < now() - %(age)s
   AND (j.status = 'cancelled'
        OR (j.status = 'failed' AND %(include_failed)s)
-       OR (j.status = 'done' AND j.current_step IN (
-              SELECT g.stage FROM stage_graph g WHERE g.level = 'job' AND NOT EXISTS (
-                  SELECT 1 FROM stage_graph n WHERE n.level = 'job' AND n.after_step = g.stage))))
+       OR (j.status = 'done' AND j.current_step = (SELECT outbox_last_job_stage())))
 ORDER BY j.updated_at
 LIMIT %(batch)s
 FOR UPDATE SKIP LOCKED

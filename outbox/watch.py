@@ -5,7 +5,6 @@ reconnects with the worker's backoff rule, LISTENs again and re-reads the job fr
 because a state change committed while it was away sent a notification nobody heard."""
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
@@ -16,16 +15,12 @@ from psycopg import Connection
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from outbox import config, db
+from outbox.config import RECONNECT_MAX_S
+from outbox.errors import describe_error
 from outbox.jobs import job_detail
 from outbox.queue import JOB_CHANNEL, VARIANT_CHANNEL
 
 FINAL_STATUSES = {"failed", "cancelled"}
-
-# The reconnect rule shared with the worker's listener (workers/worker.py, WorkerSettings): the
-# first wait is JOB_STATE_LISTENER_RECONNECT_DELAY (config.reconnect_delay()), doubled after
-# each failed attempt, up to this cap. It lives here, not in the worker, so that the CLI's
-# watcher can use it without importing the worker (and its stages and metrics).
-RECONNECT_MAX_S = 60.0
 
 # How long a watcher (`cli.py watch`, `submit --wait`) keeps trying to get its connection back
 # before it gives up with exit 4: long enough for a PostgreSQL restart or a failover (tens of
@@ -38,42 +33,6 @@ WATCH_RECONNECT_TIMEOUT_S = 90.0
 # connection is already closed, and db.DatabaseUnavailable from db.connect while it is away.
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, db.DatabaseUnavailable)
 
-# Causes describe_error leaves out: the CancelledError behind every asyncio timeout says nothing.
-_NOISE = (asyncio.CancelledError, GeneratorExit)
-
-
-def describe_error(exc: BaseException, context: bool = True) -> str:
-    """One line for a log or an error message: "Type: message", then each cause in the chain
-    ("; caused by ..." for `raise ... from`, and with context=True "; while handling ..." for an
-    exception raised while another was being handled, as a traceback shows them).
-
-    Why: several errors carry no message at all (TimeoutError from asyncio.timeout, PoolTimeout
-    from a pool that never connected), and `"%s" % exc` then printed nothing ("worker stopped: ").
-    Multi-line messages (libpq's "...\n\tIs the server running...") are joined into one line. A
-    cause that adds nothing (its message already shown, or the CancelledError behind a timeout)
-    is left out."""
-    parts: list[str] = []
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    link = ""
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        message = " ".join(line.strip() for line in str(current).splitlines() if line.strip())
-        name = type(current).__name__
-        shown = "".join(parts)
-        if not parts:
-            parts.append(f"{name}: {message}" if message else name)
-        elif not isinstance(current, _NOISE) and (
-                (message and message not in shown) or (not message and name not in shown)):
-            parts.append(f"{link}{name}: {message}" if message else f"{link}{name}")
-        if current.__cause__ is not None:
-            current, link = current.__cause__, "; caused by "
-        elif context and current.__context__ is not None and not current.__suppress_context__:
-            current, link = current.__context__, "; while handling "
-        else:
-            current = None
-    return "".join(parts)
-
 
 def reconnect_timeout() -> float:
     """Seconds a watcher keeps trying to reconnect (WATCH_RECONNECT_TIMEOUT, default 90)."""
@@ -81,8 +40,8 @@ def reconnect_timeout() -> float:
 
 
 def final_job_stage(conn: Connection) -> str:
-    return conn.execute("""SELECT g.stage FROM stage_graph g WHERE g.level = 'job' AND NOT EXISTS
-                           (SELECT 1 FROM stage_graph n WHERE n.level = 'job' AND n.after_step = g.stage)""").fetchone()["stage"]
+    """The job stage after which a job is finished (the rule lives in SQL, migration 0003)."""
+    return conn.execute("SELECT outbox_last_job_stage() AS stage").fetchone()["stage"]
 
 
 def job_finished(job: dict, final_stage: str) -> bool:

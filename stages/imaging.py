@@ -139,6 +139,19 @@ def check_image(data: bytes | bytearray | memoryview | None) -> tuple[str, int, 
     return img.format or "unknown", img.width, img.height
 
 
+IMAGE_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
+
+
+def image_mime(data: bytes) -> str:
+    """The MIME type of an image every stage will accept, else ValueError naming why: the check
+    `submit` gives outbox.jobs.submit_job (check_image), which knows nothing of images."""
+    try:
+        image_format = check_image(data)[0]
+    except PermanentStageError as exc:
+        raise ValueError(str(exc)) from None
+    return IMAGE_MIME.get(image_format, "application/octet-stream")
+
+
 def load_image(data: bytes | bytearray | memoryview | None) -> Image.Image:
     """Decodes untrusted bytes into an RGB image, refusing anything a later stage could not use."""
     img = open_checked(data)

@@ -42,6 +42,21 @@ def template_db(pg_server):
     return url
 
 
+def own_server(tmp_path_factory, template: str, settings: dict | None = None):
+    """A PostgreSQL of a test module's own (one it may stop and restart), with a migrated
+    template database to clone from; settings=None: the session's fast settings."""
+    from outbox import migrate
+    from outbox.embedded import EmbeddedPostgres
+
+    data = tmp_path_factory.mktemp(template) / "data"
+    server = EmbeddedPostgres(data, fast=settings is None, settings=settings)
+    server.start()
+    with psycopg.connect(server.url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {template}")
+    migrate.upgrade(server.url.rsplit("/", 1)[0] + f"/{template}")
+    return server
+
+
 def clone_database(server, template: str) -> str:
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server.url, autocommit=True) as admin:

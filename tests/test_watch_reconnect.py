@@ -20,21 +20,15 @@ import pytest
 
 from outbox import db
 from outbox.progress import JobProgress
-from outbox.watch import RECONNECT_MAX_S, JobWatch
-from tests.conftest import ROOT, clone_database
+from outbox.config import RECONNECT_MAX_S
+from outbox.watch import JobWatch
+from tests.conftest import ROOT, clone_database, own_server
 from tests.helpers import claim, complete, insert_job, run_variant_stages, wait_until
 
 
 @pytest.fixture(scope="module")
 def own_pg(tmp_path_factory):
-    from outbox import migrate
-    from outbox.embedded import EmbeddedPostgres
-
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("watch_pg") / "data", fast=True)
-    server.start()
-    with psycopg.connect(server.url, autocommit=True) as admin:
-        admin.execute("CREATE DATABASE watch_template")
-    migrate.upgrade(server.url.rsplit("/", 1)[0] + "/watch_template")
+    server = own_server(tmp_path_factory, "watch_template")
     yield server
     server.stop()
 
@@ -149,15 +143,12 @@ def test_watch_gives_up_with_exit_4_when_the_database_stays_away(own_pg, own_db)
     try:
         watcher.wait_for("following its state changes")
         own_pg.stop(signal.SIGINT)
-        stopped = time.monotonic()
         code = watcher.wait(30)
-        took = time.monotonic() - stopped
     finally:
         watcher.kill()
         own_pg.restart()  # back for the other tests (same port and data folder)
     err = watcher.stderr
     assert code == 4, watcher.stdout + err
-    assert 2 <= took < 15, took  # the loss is noticed as the shutdown starts, before stop() returns
     assert "Traceback" not in watcher.stdout + err
     assert "reconnecting (giving up after 3 s)" in err, err
     assert "error: lost the connection to the database at" in err, err

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from outbox import db, queue
-from outbox.watch import describe_error
+from outbox.errors import describe_error
 from tests.conftest import ROOT
 from tests.helpers import claim, insert_job
 from tests.workerproc import TEST_REGISTRY

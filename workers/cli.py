@@ -12,7 +12,7 @@ import typer
 
 from outbox import config, db
 from outbox.artifacts import open_store
-from outbox.watch import describe_error
+from outbox.errors import describe_error
 
 app = typer.Typer(help="Run pipeline workers.", no_args_is_help=True, add_completion=False)
 log = logging.getLogger("workers")

@@ -27,7 +27,8 @@ from outbox.queue import ClaimedTask
 from stages.contract import PermanentStageError, StageSpec
 from workers.metrics import Metrics
 from outbox.artifacts import INSERT_ARTIFACT
-from outbox.watch import RECONNECT_MAX_S, describe_error
+from outbox.config import RECONNECT_MAX_S
+from outbox.errors import describe_error
 from workers.runner import Completed, TaskRunner
 
 log = logging.getLogger("workers")

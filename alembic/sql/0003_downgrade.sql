@@ -3,7 +3,8 @@
 DROP TRIGGER IF EXISTS jobs_settle_on_close ON jobs;
 DROP TRIGGER IF EXISTS jobs_settle_on_insert ON jobs;
 DROP TRIGGER IF EXISTS jobs_before_write ON jobs;
-DROP FUNCTION IF EXISTS outbox_job_settle, outbox_job_before_write, outbox_cancel, outbox_cancel_leftovers;
+DROP FUNCTION IF EXISTS outbox_job_settle, outbox_job_before_write, outbox_cancel, outbox_cancel_leftovers,
+    outbox_mark_engine_write;
 DROP FUNCTION IF EXISTS outbox_open_variant_sets;
 ALTER TABLE image_assets DROP CONSTRAINT IF EXISTS image_assets_tenant_id_format;
 ALTER TABLE jobs DROP CONSTRAINT IF EXISTS jobs_tenant_id_format;

@@ -20,10 +20,11 @@ RESTORED = {
     "outbox_fail": "0001_functions.sql",
     "outbox_rescue_expired": "0001_functions.sql",
     "outbox_hand_back": "0001_functions.sql",
+    "outbox_complete_many": "0001_functions.sql",
     "outbox_next_deadline": "0002_claim_planning.sql",
 }
 # 0002 turned JIT off on these with ALTER FUNCTION, which a CREATE OR REPLACE undoes.
-JIT_OFF = ("outbox_fail", "outbox_rescue_expired", "outbox_hand_back")
+JIT_OFF = ("outbox_fail", "outbox_rescue_expired", "outbox_hand_back", "outbox_complete_many")
 
 
 def upgrade() -> None:

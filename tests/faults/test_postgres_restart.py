@@ -10,8 +10,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from tests.conftest import clone_database
-from tests.faults.harness import (FAST, Fleet, check_invariants, jobs, log_problems, report, submit_jobs,
+from tests.conftest import clone_database, own_server
+from tests.faults.harness import (Fleet, check_invariants, jobs, log_problems, report, submit_jobs,
                                   wait_for_jobs, wait_until)
 
 MODES = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT}
@@ -19,19 +19,11 @@ MODES = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 
 @pytest.fixture(scope="module")
 def own_pg(tmp_path_factory):
-    from outbox import migrate
-    from outbox.embedded import EmbeddedPostgres
-
     # Not the session server's fast settings: synchronous_commit=off acknowledges a commit before
     # its WAL is written, so an immediate shutdown loses the last acknowledged commits (a claim
     # comes back, and the same attempt runs twice). fsync=off is kept: it matters only when the
     # operating system, not PostgreSQL, goes down.
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("own_pg") / "data",
-                              settings={"fsync": "off", "synchronous_commit": "on"})
-    server.start()
-    with psycopg.connect(server.url, autocommit=True) as admin:
-        admin.execute("CREATE DATABASE restart_template")
-    migrate.upgrade(server.url.rsplit("/", 1)[0] + "/restart_template")
+    server = own_server(tmp_path_factory, "restart_template", {"fsync": "off", "synchronous_commit": "on"})
     yield server
     server.stop()
 
