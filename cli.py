@@ -165,7 +165,7 @@ def follow_job(conn, job_id: str, quiet: bool = False, plain: bool = False) -> s
     pipe; on stderr when quiet, so stdout keeps only the JSON); returns its final status."""
     import sys
 
-    from outbox.progress import error_lookup, follow_job as follow, make_renderer
+    from console.progress import error_lookup, follow_job as follow, make_renderer
 
     lookup = error_lookup(lambda: db.connect(db.resolve_url()))
     try:
@@ -202,7 +202,7 @@ def report(job: str = typer.Argument(..., help="Job id, or 'latest' for the newe
     phone-sized preview with its Korean caption."""
     from outbox.artifacts import open_store
     from outbox.report import asset_reader, gather, latest_job_id
-    from stages.report_html import render_report
+    from console.report import render_report
 
     with database() as conn:
         with errors_to_exit_codes():
@@ -233,7 +233,7 @@ def demo(
     processes, live progress; ends by printing where the Instagram post and the HTML report are."""
     import sys
 
-    from workers.demo import run_demo
+    from console.demo import run_demo
 
     if models is not None and models not in ("tiny", "real"):
         fail(f"--models {models!r}: use tiny or real", EXIT_INVALID)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stages import iou_eval, ocr_eval, overlay, planner, readability_eval  # noqa: E402
 from stages.contract import StageInput  # noqa: E402
-from stages.samples import DEMO_COPY, sample_images  # noqa: E402
+from console.samples import DEMO_COPY, sample_images  # noqa: E402
 
 CPU_STAGES = (("planner", planner), ("overlay", overlay), ("ocr_eval", ocr_eval),
               ("readability_eval", readability_eval), ("iou_eval", iou_eval))

@@ -1,6 +1,6 @@
 """Everything a job report shows, read with SQL: the job and its copy, its variants with their
 image asset, every task (attempts, times, errors) and every stage result. Plus the reader that turns
-an asset uri or artifact key into bytes. Rendering lives in stages.report_html."""
+an asset uri or artifact key into bytes. Rendering lives in console/report.py."""
 from __future__ import annotations
 
 from datetime import datetime, timezone

@@ -76,7 +76,7 @@ def test_every_setting_the_code_reads_is_in_the_configuration_table():
     read = set()
     pattern = re.compile(r"""(?:environ\.get|environ\[|getenv|env_float|env_bool|_batch_setting|_setting)\(\s*["']([A-Z][A-Z0-9_]+)["']"""
                          r"""|^[A-Z_]*ENV[A-Z_]*\s*=\s*["']([A-Z][A-Z0-9_]+)["']""", re.M)
-    for folder in ("outbox", "workers", "stages"):
+    for folder in ("outbox", "workers", "stages", "console"):
         for path in (ROOT / folder).rglob("*.py"):
             for match in pattern.finditer(path.read_text(encoding="utf-8")):
                 read.add(match.group(1) or match.group(2))

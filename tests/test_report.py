@@ -16,8 +16,8 @@ from PIL import Image
 
 from outbox.artifacts import open_store
 from outbox.jobs import submit_job
-from stages.report_html import PRODUCT_COLOUR, draw_detections, ocr_diff
-from stages.samples import DEMO_COPY, write_samples
+from console.report import PRODUCT_COLOUR, draw_detections, ocr_diff
+from console.samples import DEMO_COPY, write_samples
 from tests.conftest import ROOT, cli
 from tests.workerproc import WorkerProcess, wait_for_jobs
 

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from outbox.artifacts import open_store
 from outbox.jobs import submit_job
-from outbox.progress import JobProgress, PlainRenderer, RichRenderer
+from console.progress import JobProgress, PlainRenderer, RichRenderer
 from tests.conftest import ROOT, cli
 from tests.workerproc import WorkerProcess
 

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from outbox import db
-from outbox.progress import JobProgress
+from console.progress import JobProgress
 from outbox.config import RECONNECT_MAX_S
 from outbox.watch import JobWatch
 from tests.conftest import ROOT, clone_database, own_server

@@ -311,7 +311,6 @@ class Worker:
                 conn = await db.connect_async(url)
                 async with conn:
                     await conn.execute(f"LISTEN {queue.WORKER_CHANNEL}")
-                    log.info("[LISTENER] LISTEN started on %s (%s)", queue.WORKER_CHANNEL, db.safe_url(url))
                     if not self.connected_once:
                         await self._self_test(conn, stage_set)
                     if self.connected_once:
@@ -323,6 +322,8 @@ class Worker:
                     self.connected_once = True
                     self.listener_connected = True
                     self.ready = True
+                    # Logged once the probes answer 200: tests and operators read it as "serving".
+                    log.info("[LISTENER] LISTEN started on %s (%s)", queue.WORKER_CHANNEL, db.safe_url(url))
                     delay = self.settings.reconnect_delay_s
                     self.rescue_due = True
                     self.kick()  # drain: anything enqueued while we were away is claimed now

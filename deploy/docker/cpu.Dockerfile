@@ -21,8 +21,8 @@ RUN python -m venv /opt/venv && pip install --upgrade pip "setuptools>=68"
 WORKDIR /app
 # Dependencies first, from pyproject.toml alone, so a source change does not reinstall torch.
 COPY pyproject.toml README.md ./
-RUN mkdir -p outbox workers stages \
-    && touch cli.py outbox/__init__.py workers/__init__.py stages/__init__.py \
+RUN mkdir -p outbox workers stages console \
+    && touch cli.py outbox/__init__.py workers/__init__.py stages/__init__.py console/__init__.py \
     && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
     && pip install ".[ml]" \
     && pip uninstall -y adflow
@@ -31,6 +31,7 @@ COPY alembic ./alembic
 COPY outbox ./outbox
 COPY workers ./workers
 COPY stages ./stages
+COPY console ./console
 COPY deploy/docker/fetch_models.py ./deploy/docker/fetch_models.py
 # Editable install: console scripts `workers` and `adflow`, code and migrations stay under /app.
 RUN pip install --no-deps --no-build-isolation -e . \
