@@ -13,7 +13,6 @@ VARIANT_CHANNEL = "job_variant_state_changed"
 JOB_CHANNEL = "job_state_changed"
 
 CLAIM = "SELECT * FROM outbox_claim(%s, %s, %s, %s, %s, %s)"
-COMPLETE_MANY = "SELECT outbox_complete_many(%s, %s) AS accepted"
 FAIL = "SELECT outbox_fail(%s, %s, %s, %s, %s, %s, %s) AS outcome"
 RESCUE_EXPIRED = "SELECT * FROM outbox_rescue_expired(%s)"
 NEXT_DEADLINE = "SELECT outbox_next_deadline(%s, %s) AS seconds"

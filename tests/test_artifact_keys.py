@@ -15,7 +15,8 @@ from outbox.artifacts import (FileStore, FsspecStore, InvalidKey, InvalidTenant,
                               artifact_key, asset_key, check_key_tenant, check_tenant, parse_key)
 from outbox.queue import ClaimedTask
 from stages.contract import PermanentStageError, StageOutput, StageSpec, one_at_a_time
-from workers.runner import Completed, TaskRunner
+from outbox.completion import Completion
+from workers.runner import TaskRunner
 
 JOB, VARIANT, ASSET = str(uuid.UUID(int=1)), str(uuid.UUID(int=2)), str(uuid.UUID(int=3))
 BAD_TENANTS = ["", "acme/evil", "../acme", ".acme", "-acme", "acme'; --", 'ac"me', "ac me", "acmé", "租户",
@@ -179,7 +180,7 @@ def test_good_assets_are_read(runner):
 
     spec = StageSpec("vlm_analyze", one_at_a_time(stage))
     outcomes = runner.run(spec, [task(), task(uri="file:ok.png")])
-    assert all(isinstance(o, Completed) for o in outcomes) and len(seen) == 2 and seen[0] == seen[1]
+    assert all(isinstance(o, Completion) for o in outcomes) and len(seen) == 2 and seen[0] == seen[1]
 
 
 @pytest.mark.parametrize("key,message", [

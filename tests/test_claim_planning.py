@@ -7,15 +7,15 @@ import re
 
 import psycopg
 
-from outbox import jobs, migrate, queue
+from outbox import completion, jobs, migrate, queue
 from tests.helpers import claim, insert_job
 
 QUEUED = 5000
 
 
 def worker_functions() -> set[str]:
-    """Every SQL function the Python side calls: the workers' operations, cancel, rescue."""
-    source = "\n".join(open(m.__file__).read() for m in (queue, jobs))
+    """Every SQL function the Python side calls: the workers' operations, completion, cancel, rescue."""
+    source = "\n".join(open(m.__file__).read() for m in (queue, jobs, completion))
     return set(re.findall(r"\b(outbox_[a-z_]+)\(", source))
 
 

@@ -260,3 +260,27 @@ def test_a_child_stuck_past_its_grace_is_killed(start):
     log = supervisor.log()
     assert f"worker process 1 (pid {children['1']}) still running" in log, log
     assert f"worker process 1 (pid {children['1']}) exited with -9" in log, log
+
+
+def test_a_supervised_child_gets_every_option_its_parent_was_given():
+    """The child's command line is built from the `start` command's own declaration: each option,
+    given a value that is not its default, reaches the child unchanged (the list was spelled by
+    hand once, and an option missing from it silently fell back to its default in every child)."""
+    import typer.main
+
+    from workers.cli import app, child_argv
+
+    group = typer.main.get_command(app)
+    start = group.get_command(None, "start")
+    given = ["--processes", "3", "--concurrency", "5", "--stages", "planner,overlay", "--gpu", "--models", "tiny",
+             "--registry", "tests.engine_stages:build_registry", "--lease", "12.5", "--grace", "7.0",
+             "--retry-base", "0.5", "--retry-max", "9.0", "--health-addr", "127.0.0.1:9100"]
+    options = [p for p in start.params if p.name != "processes"]
+    assert {p.opts[0] for p in options} <= set(given), "give every option a value in this test"
+    parent = start.make_context("start", list(given))
+    argv = child_argv(parent, health_addr="127.0.0.1:9101")
+    assert argv[0] == "start" and "--processes" not in argv
+    child = start.make_context("start", argv[1:])
+    expected = {**parent.params, "health_addr": "127.0.0.1:9101"}
+    expected.pop("processes")
+    assert child.params == {**expected, "processes": 1}

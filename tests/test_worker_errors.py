@@ -13,7 +13,7 @@ import sys
 import psycopg
 import pytest
 
-from outbox import db, queue
+from outbox import completion, db, queue
 from outbox.errors import describe_error
 from tests.conftest import ROOT
 from tests.helpers import claim, insert_job
@@ -120,7 +120,7 @@ class CommitTrouble:
         self.conn, self.mode, self.state = conn, mode, state
 
     async def execute(self, query, params=None):
-        if query == queue.COMPLETE_MANY and not self.state.get("done"):
+        if query == completion.COMPLETE_MANY and not self.state.get("done"):
             self.state["done"] = True
             if self.mode == "answered-late":
                 await self.conn.execute(query, params)
@@ -135,9 +135,9 @@ class CommitTrouble:
 @pytest.mark.parametrize("mode, verdict", [("answered-late", "attempt 1 committed after all; its result stands"),
                                            ("lost", "attempt 1 not committed")])
 def test_a_completion_with_an_unknown_outcome_says_so_and_is_checked(conn, db_url, caplog, mode, verdict):
-    from psycopg_pool import AsyncConnectionPool
-
-    from workers.runner import Completed
+    """The executor and the completer in-process, on the per-test database, with a pool whose
+    first completion goes wrong."""
+    from outbox.completion import Completion
     from workers.worker import Worker, WorkerSettings
 
     caplog.set_level(logging.INFO, logger="workers")
@@ -148,27 +148,25 @@ def test_a_completion_with_an_unknown_outcome_says_so_and_is_checked(conn, db_ur
     [task], _ = queue.split_claim(rows)
 
     async def scenario():
-        worker.wake, worker.completions = asyncio.Event(), asyncio.Queue()
-        worker.pool = AsyncConnectionPool(db_url, min_size=1, max_size=3, open=False, kwargs=db.POOL_KWARGS)
-        await worker.pool.open()
-        plain_db, state = worker._db, {}
+        await worker.pool.open(wait=True)
+        plain, trouble = worker.pool.connection, {}
 
         @contextlib.asynccontextmanager
-        async def troubled_db():
-            async with plain_db() as pooled:
-                yield CommitTrouble(pooled, mode, state)
+        async def troubled():
+            async with plain() as pooled:
+                yield CommitTrouble(pooled, mode, trouble)
 
-        worker._db = troubled_db
-        flusher = asyncio.create_task(worker._flush_completions())
+        worker.pool.connection = troubled
+        completer = asyncio.create_task(worker.completer.run())
         try:
-            worker.in_flight[task.id] = task
-            await worker._settle(task, Completed({"ok": True}), 0.01)
-            await asyncio.wait_for(asyncio.gather(*worker.outcome_checks), 10)
+            worker.state.claimed([task], waiting=False)
+            await worker.executor.settle(task, Completion(task.id, task.attempt, {"ok": True}), 0.01)
+            await asyncio.wait_for(asyncio.gather(*worker.completer.outcome_checks), 10)
         finally:
-            flusher.cancel()
-            await worker._cancel_outcome_checks()
+            completer.cancel()
+            await worker.completer.cancel_outcome_checks()
             await worker.pool.close()
-            worker.executor.shutdown(wait=False)
+            worker.executor.shutdown()
 
     asyncio.run(scenario())
     messages = [r.getMessage() for r in caplog.records if r.name == "workers"]
@@ -183,13 +181,12 @@ def test_a_completion_with_an_unknown_outcome_says_so_and_is_checked(conn, db_ur
     assert messages.index(unknown[0]) < messages.index(checked[0])
     stored = conn.execute("SELECT attempt FROM stage_results WHERE task_id = %s", (task.id,)).fetchall()
     assert stored == ([{"attempt": 1}] if mode == "answered-late" else [])
-    assert task.id not in worker.in_flight and worker.orphan_deadline is not None  # the rescue stays armed
+    # The rescue stays armed: the task left in_flight, but its lease is still ours until it runs out.
+    assert task.id not in worker.state.in_flight and worker.state.orphan_deadline is not None
 
 
 def test_a_heartbeat_that_times_out_says_what_timed_out(conn, db_url, caplog):
     """The heartbeat's warning read "heartbeat failed ()": asyncio's TimeoutError is empty."""
-    from psycopg_pool import AsyncConnectionPool
-
     from workers.worker import Worker, WorkerSettings
 
     caplog.set_level(logging.WARNING, logger="workers")
@@ -199,21 +196,15 @@ def test_a_heartbeat_that_times_out_says_what_timed_out(conn, db_url, caplog):
     rows: list[dict] = []
     claim(conn, owner=worker.owner, stages=["vlm_analyze"], rows_out=rows)
     [task], _ = queue.split_claim(rows)
-    worker.in_flight[task.id] = task
+    worker.state.claimed([task], waiting=False)
 
     async def scenario():
-        worker.pool = AsyncConnectionPool(nowhere, min_size=1, max_size=2, open=False, kwargs=db.POOL_KWARGS)
         await worker.pool.open(wait=False)
-        beat = asyncio.create_task(worker._heartbeat())
         try:
-            for _ in range(100):
-                await asyncio.sleep(0.05)
-                if any("heartbeat failed" in r.getMessage() for r in caplog.records):
-                    break
+            await worker.heartbeat.renew()  # one renewal, waited for: no sleeping on log text
         finally:
-            beat.cancel()
             await worker.pool.close()
-            worker.executor.shutdown(wait=False)
+            worker.executor.shutdown()
 
     asyncio.run(scenario())
     [line, *_] = [r.getMessage() for r in caplog.records if "heartbeat failed" in r.getMessage()]

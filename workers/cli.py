@@ -37,8 +37,31 @@ def main() -> None:
     """Pipeline workers."""
 
 
+def child_argv(ctx, **resolved: object) -> list[str]:
+    """The `start` command line of a supervised child: every option the parent was given, read
+    from the command's own declaration (so an option added later cannot be left out), except
+    --processes, with `resolved` values (e.g. the health address) in place of the given ones."""
+    argv = [ctx.info_name or "start"]
+    for param in ctx.command.params:
+        # By its kind, not isinstance: typer ships its own copy of click's classes.
+        if param.param_type_name != "option" or param.name == "processes":
+            continue
+        value = resolved.get(param.name, ctx.params.get(param.name))
+        if value is None:
+            continue
+        if param.is_flag:
+            if value:
+                argv.append(param.opts[0])
+            elif param.secondary_opts:
+                argv.append(param.secondary_opts[0])
+            continue
+        argv += [param.opts[0], str(value)]
+    return argv
+
+
 @app.command()
 def start(
+    ctx: typer.Context,
     processes: int = typer.Option(1, min=1, max=64, help="Worker processes under one supervisor."),
     concurrency: Optional[int] = typer.Option(None, min=1, max=256,
                                               help="Tasks in flight per process (default 8; with --gpu, the largest "
@@ -81,9 +104,7 @@ def start(
     if processes > 1:
         from workers.supervisor import supervise
 
-        child = ["start", *(["--concurrency", str(concurrency)] if concurrency else []), "--registry", registry, "--lease", str(lease),
-                 "--grace", str(grace), "--retry-base", str(retry_base), "--retry-max", str(retry_max), *(["--stages", stages] if stages else []), *(["--gpu"] if gpu else []),
-                 *(["--models", models] if models else []), "--health-addr", health_addr]
+        child = child_argv(ctx, health_addr=health_addr)
         env = {**os.environ, "DATABASE_URL": url}
         raise typer.Exit(supervise(child, processes, env, grace))
     if not enabled:

@@ -176,33 +176,39 @@ class HealthServer:
     # ----------------------------------------------------------------- endpoints
     def healthz(self) -> tuple[int, str, bytes]:
         text = "text/plain; charset=utf-8"
-        w = self.worker
-        if w.stopping:
+        status = self.worker.state.status()
+        if status.stopping:
             return 200, text, b"ok: stopping, finishing in-flight tasks\n"
-        if w.listener_connected:
+        if status.listening:
             return 200, text, b"ok: listener connected\n"
-        if w.ready:
+        if status.started:
             return 503, text, b"listener disconnected: reconnecting\n"
         return 503, text, b"listener not connected yet\n"
 
     async def readyz(self) -> tuple[int, str, bytes]:
         text = "text/plain; charset=utf-8"
-        w = self.worker
-        problems = []
-        if w.stopping:
-            problems.append("stopping")
-        if not w.ready:
-            problems.append("LISTEN has not started yet")
-        elif not w.listener_connected:
-            problems.append("listener disconnected")
+        status = self.worker.state.status()
         schema = await self._schema()
-        if schema[0] not in ("head", "ahead"):
-            problems.append(f"database schema {schema[0]} ({','.join(schema[1]) or 'none'}): run `cli.py db upgrade`")
-        w.metrics.ready.set(0 if problems else 1)
+        problems = self.problems(status, schema)
+        self.worker.metrics.ready.set(0 if problems else 1)
         if problems:
             return 503, text, ("not ready: " + "; ".join(problems) + "\n").encode()
-        return 200, text, (f"ready: stages {','.join(w.stages)}; schema {','.join(schema[1])} ({schema[0]}); "
+        return 200, text, (f"ready: stages {','.join(status.stages)}; schema {','.join(schema[1])} ({schema[0]}); "
                            "models loaded; listener connected\n").encode()
+
+    @staticmethod
+    def problems(status, schema: tuple[str, list[str]]) -> list[str]:
+        """Why the worker is not ready, from one status snapshot; [] when it is."""
+        problems = []
+        if status.stopping:
+            problems.append("stopping")
+        if not status.started:
+            problems.append("LISTEN has not started yet")
+        elif not status.listening:
+            problems.append("listener disconnected")
+        if schema[0] not in ("head", "ahead"):
+            problems.append(f"database schema {schema[0]} ({','.join(schema[1]) or 'none'}): run `cli.py db upgrade`")
+        return problems
 
     async def _schema(self) -> tuple[str, list[str]]:
         """Checked against the database until it is fine once, then answered from memory: a ready
@@ -213,7 +219,7 @@ class HealthServer:
 
         try:
             async def query() -> list[str]:
-                async with self.worker.pool.connection(timeout=QUERY_TIMEOUT_S) as conn:
+                async with self.worker.pool.pool.connection(timeout=QUERY_TIMEOUT_S) as conn:
                     row = await (await conn.execute(migrate.HAS_SCHEMA)).fetchone()
                     if not row["ok"]:
                         return []
@@ -229,12 +235,11 @@ class HealthServer:
         return state, current
 
     async def metrics(self) -> bytes:
-        w = self.worker
-        m = w.metrics
-        m.listener_connected.set(1 if w.listener_connected else 0)
-        m.in_flight.set(len(w.in_flight))
-        schema = await self._schema()
-        m.ready.set(1 if (w.ready and w.listener_connected and not w.stopping and schema[0] in ("head", "ahead")) else 0)
+        m = self.worker.metrics
+        status = self.worker.state.status()
+        m.listener_connected.set(1 if status.listening else 0)
+        m.in_flight.set(status.in_flight)
+        m.ready.set(0 if self.problems(status, await self._schema()) else 1)
         await self._queue_gauges()
         gpu_memory(m)
         return generate_latest(m.registry)
@@ -243,7 +248,7 @@ class HealthServer:
         m = self.worker.metrics
         try:
             async def query() -> list[dict]:
-                async with self.worker.pool.connection(timeout=QUERY_TIMEOUT_S) as conn:
+                async with self.worker.pool.pool.connection(timeout=QUERY_TIMEOUT_S) as conn:
                     return await (await conn.execute(QUEUE_SQL)).fetchall()
 
             rows = await asyncio.wait_for(query(), QUERY_TIMEOUT_S)

@@ -40,3 +40,9 @@ def setup_logging(worker_id: str = "-") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
+
+
+def task_fields(task) -> dict:
+    """The structured fields of a log line about one task (`task` is an outbox.queue.ClaimedTask)."""
+    return {"job_id": task.job_id, "variant_id": task.variant_id, "stage": task.stage, "attempt": task.attempt,
+            "task_id": task.id}

@@ -6,21 +6,11 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from dataclasses import dataclass, field
-
 from outbox import artifacts
 from outbox.artifacts import ArtifactStore, artifact_key, check_size
+from outbox.completion import Completion
 from outbox.queue import ClaimedTask
 from stages.contract import PermanentStageError, StageInput, StageOutput, StageSpec
-
-@dataclass
-class Completed:
-    """A stage's output ready to commit: its JSON result and, for stores in the database, the
-    artifacts (key -> bytes) to write in the completion transaction."""
-
-    result: dict
-    pending_artifacts: dict[str, bytes] = field(default_factory=dict)
-
 
 class TaskRunner:
     def __init__(self, store: ArtifactStore, asset_root: Path):
@@ -77,10 +67,10 @@ class TaskRunner:
             variants=row["variants"] or {},
             read_artifact=lambda key, tenant=task.tenant_id: self.read_artifact(key, tenant))
 
-    def run(self, spec: StageSpec, tasks: Sequence[ClaimedTask]) -> list[Completed | BaseException]:
+    def run(self, spec: StageSpec, tasks: Sequence[ClaimedTask]) -> list[Completion | BaseException]:
         """Runs one batch of a stage (in a worker thread). Position by position: what to commit,
         or the exception that task failed with."""
-        outcomes: list[Completed | BaseException | None] = [None] * len(tasks)
+        outcomes: list[Completion | BaseException | None] = [None] * len(tasks)
         inputs, positions = [], []
         for i, task in enumerate(tasks):
             try:
@@ -96,7 +86,7 @@ class TaskRunner:
                 outcomes[i] = output if isinstance(output, BaseException) else self._finish(tasks[i], output)
         return outcomes
 
-    def _finish(self, task: ClaimedTask, output: StageOutput) -> Completed | BaseException:
+    def _finish(self, task: ClaimedTask, output: StageOutput) -> Completion | BaseException:
         pending: dict[str, bytes] = {}
         try:
             result = dict(output.result)
@@ -121,4 +111,4 @@ class TaskRunner:
             return exc
         if "\\u0000" in encoded:
             return PermanentStageError(f"stage {task.stage} returned text with NUL characters, which PostgreSQL cannot store")
-        return Completed(result, pending)
+        return Completion(task.id, task.attempt, result, pending)

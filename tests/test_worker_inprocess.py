@@ -1,0 +1,133 @@
+"""The worker in this process, on the per-test database, with the test stages: its services run
+a job to the end, and the test waits on the signals the worker exposes (WorkerState.serving, the
+state's lifecycle, the database's rows), never on log text or a sleep."""
+from __future__ import annotations
+
+import asyncio
+
+from outbox import config
+from outbox.artifacts import open_store
+from outbox.jobs import submit_job
+from tests.engine_stages import build_registry
+from workers.runner import TaskRunner
+from workers.state import ClaimMode, Lifecycle, Link
+from workers.worker import Worker, WorkerSettings
+
+
+def make_worker(db_url: str, **overrides) -> Worker:
+    options = dict(concurrency=4, lease_s=5, heartbeat_s=1, grace_s=5, reconnect_delay_s=0.1, db_timeout_s=10,
+                   health_addr=None)
+    settings = WorkerSettings(url=db_url, **{**options, **overrides})
+    return Worker(settings, build_registry(), TaskRunner(open_store(), config.asset_root()))
+
+
+def submit(conn, image, copy: str, variants: int) -> str:
+    return submit_job(conn, open_store(), [image], copy, tenant="acme", variants=variants).job_id
+
+
+async def job_state(worker: Worker, job_id: str) -> str:
+    """done / failed / cancelled when the job is finished by outbox.watch's rule, else open."""
+    from outbox.watch import FINAL_STATUSES
+
+    async with worker.pool.connection() as conn:
+        row = await (await conn.execute(
+            "SELECT status, current_step, outbox_last_job_stage() AS final FROM jobs WHERE job_id = %s",
+            (job_id,))).fetchone()
+    if row["status"] in FINAL_STATUSES:
+        return row["status"]
+    return "done" if (row["status"], row["current_step"]) == ("done", row["final"]) else "open"
+
+
+async def until_finished(worker: Worker, job_id: str, timeout: float = 60) -> str:
+    """Waits on the job's own notifications (the old system's channel), not on a timer."""
+    from outbox import db
+
+    conn = await db.connect_async(worker.settings.url)
+    async with conn:
+        await conn.execute("LISTEN job_state_changed")
+        async with asyncio.timeout(timeout):
+            while (state := await job_state(worker, job_id)) == "open":
+                async for _ in conn.notifies(timeout=1.0, stop_after=1):
+                    pass
+    return state
+
+
+def test_a_worker_in_process_runs_a_job_and_stops_cleanly(conn, db_url, home, tiny_png):
+    job_id = submit(conn, tiny_png, "Fresh coffee", variants=2)
+    worker = make_worker(db_url)
+
+    async def scenario():
+        run = asyncio.create_task(worker.run())
+        await asyncio.wait_for(worker.state.serving.wait(), 30)
+        status = worker.state.status()
+        assert (status.lifecycle, status.link) == (Lifecycle.RUNNING, Link.UP)
+        # Later pipeline stages first (see outbox_claim).
+        assert status.stages[0] == "instagram_feed_gen" and status.stages[-1] == "vlm_analyze"
+        finished = await until_finished(worker, job_id)
+        worker.request_stop("test")
+        code = await asyncio.wait_for(run, 30)
+        return finished, code
+
+    finished, code = asyncio.run(scenario())
+    assert (finished, code) == ("done", 0)
+    assert worker.state.lifecycle is Lifecycle.STOPPING and not worker.state.in_flight
+    counts = conn.execute("SELECT status, count(*) AS n FROM stage_tasks WHERE job_id = %s GROUP BY status",
+                          (job_id,)).fetchall()
+    assert counts == [{"status": "done", "n": 2 * 8 + 2}]
+
+
+def test_a_service_that_dies_stops_the_worker_with_exit_1(conn, db_url, home):
+    """A service never ends on its own: one that does leaves the worker half-alive, so it stops."""
+    worker = make_worker(db_url)
+
+    async def broken() -> None:
+        raise RuntimeError("planted")
+
+    worker.heartbeat.run = broken
+
+    async def scenario():
+        return await asyncio.wait_for(worker.run(), 30)
+
+    assert asyncio.run(scenario()) == 1
+    assert worker.state.lifecycle is Lifecycle.STOPPING
+
+
+def test_shutdown_hands_back_what_did_not_finish_in_the_grace(conn, db_url, home, tiny_png):
+    job_id = submit(conn, tiny_png, "Slow SLEEP:vlm_analyze:30", variants=1)
+    worker = make_worker(db_url, grace_s=0.2)
+
+    async def scenario():
+        run = asyncio.create_task(worker.run())
+        await asyncio.wait_for(worker.state.serving.wait(), 30)
+        while not worker.state.in_flight:  # the dispatcher has claimed it
+            await asyncio.sleep(0.02)
+        worker.request_stop("test")
+        return await asyncio.wait_for(run, 30)
+
+    assert asyncio.run(scenario()) == 0
+    task = conn.execute("SELECT status, lease_owner, attempts FROM stage_tasks WHERE job_id = %s AND stage = 'vlm_analyze'",
+                        (job_id,)).fetchone()
+    assert task["status"] == "queued" and task["lease_owner"] is None, task
+
+
+def test_the_claim_mode_transitions_live_in_one_place():
+    """ALONE is left when the lone task ends (and the dispatcher kicked), WAIT_IDLE blocks claims
+    while anything is in flight."""
+    from outbox.queue import ClaimedTask
+    from workers.state import WorkerState
+
+    def task(i: int, alone: bool = False) -> ClaimedTask:
+        return ClaimedTask(id=i, job_id="j", variant_id="v", stage="planner", attempt=1, max_attempts=3,
+                           tenant_id="acme", alone=alone)
+
+    state = WorkerState()
+    state.claimed([task(1, alone=True)], waiting=False)
+    assert state.claim_mode is ClaimMode.ALONE and not state.may_claim()
+    state.wake.clear()
+    state.task_done(1)
+    assert state.claim_mode is ClaimMode.NORMAL and state.may_claim() and state.wake.is_set()
+    state.claimed([task(2)], waiting=True)
+    assert state.claim_mode is ClaimMode.WAIT_IDLE and not state.may_claim()
+    state.wake.clear()
+    state.task_done(2)
+    assert state.may_claim() and state.wake.is_set()

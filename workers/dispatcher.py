@@ -1,0 +1,100 @@
+"""The dispatcher service: sleeps until it is kicked (a notification, a freed slot) or until the
+earliest deadline the database gave it, then rescues expired leases when due and claims as many
+tasks as there are free slots, handing them to the executor. The only service that claims."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from outbox import queue
+from outbox.errors import describe_error
+from workers.executor import MIN_DEADLINE_WAIT_S, Executor
+from workers.logs import task_fields
+from workers.pool import UNREACHABLE
+from workers.state import ClaimMode, Service
+
+log = logging.getLogger("workers")
+
+RESCUE_BATCH = 1000
+
+
+class Dispatcher(Service):
+    def __init__(self, *shared, executor: Executor) -> None:
+        super().__init__(*shared)
+        self.executor = executor
+        # Written here only: loop time of the next deadline the database told us (a retry that
+        # becomes due, a lease that runs out), or of a backoff after a failed claim.
+        self.deadline: float | None = None
+        self.last_rescue = 0.0  # loop time of the last rescue
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        state = self.state
+        failures = 0
+        while not state.stopping:
+            # orphan_deadline: see Executor.settle. Not while disconnected (nothing to do then:
+            # the reconnect kicks us, and the deadline stays for afterwards).
+            wake_at = min((d for d in (self.deadline, state.orphan_deadline if state.listening else None)
+                           if d is not None), default=None)
+            timeout = None if wake_at is None else max(0.0, wake_at - loop.time())
+            try:
+                await asyncio.wait_for(state.wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                state.rescue_due = True
+            if wake_at is not None and loop.time() >= wake_at:
+                state.rescue_due = True  # woken by a notification just as the deadline passed
+            state.wake.clear()
+            if state.stopping or not state.listening:
+                # Without a listener we could miss work; the reconnect kicks us once it is back.
+                self.deadline = None
+                continue
+            try:
+                await self.fill()
+                failures = 0
+            except UNREACHABLE as exc:
+                failures += 1
+                backoff = min(self.settings.reconnect_delay_s * failures, self.settings.reconnect_max_s)
+                log.warning("claim failed (%s); trying again in %.1f s", describe_error(exc), backoff)
+                self.deadline = loop.time() + backoff
+
+    async def fill(self) -> None:
+        loop = asyncio.get_running_loop()
+        state = self.state
+        async with self.pool.connection() as conn:
+            # Also at most every heartbeat interval while busy: a worker that keeps being woken
+            # by notifications, or whose slots are full (it then learns no deadline), never times
+            # out waiting, and under steady load another worker's expired lease would otherwise
+            # wait for a lull to be rescued (found by the fault suite: 20 s and more in soak).
+            if state.rescue_due or loop.time() - self.last_rescue >= self.settings.heartbeat_s:
+                state.rescue_due = False
+                self.last_rescue = loop.time()
+                rescued = await (await conn.execute(queue.RESCUE_EXPIRED, (RESCUE_BATCH,))).fetchall()
+                if state.orphan_deadline is not None and loop.time() >= state.orphan_deadline:
+                    state.orphan_deadline = None
+                for row in rescued:
+                    log.warning("recovery: task %s had an expired lease: %s", row["id"], row["outcome"])
+                    self.metrics.lease_rescues.inc()
+            seconds = None
+            while not state.stopping:
+                if not state.may_claim():
+                    self.deadline = None
+                    return
+                free = self.settings.concurrency - len(state.in_flight)
+                if free <= 0:
+                    state.saturated = True
+                    self.deadline = None  # a completion will wake us
+                    return
+                rows = await (await conn.execute(queue.CLAIM, (
+                    self.owner, list(state.stages), free, self.settings.lease_s, None, not state.in_flight))).fetchall()
+                tasks, seconds = queue.split_claim(rows)
+                state.claimed(tasks, queue.suspect_waiting(rows))
+                self.executor.start(tasks)
+                if state.claim_mode is ClaimMode.ALONE:
+                    task = tasks[0]
+                    log.warning("task %s (%s, %s) lost its worker before and this is its last attempt: it runs "
+                                "alone", task.id, task.stage, task.subject, extra=task_fields(task))
+                    continue
+                if len(tasks) < free:
+                    state.saturated = False
+                    break
+        self.deadline = None if seconds is None else loop.time() + max(seconds, MIN_DEADLINE_WAIT_S)
