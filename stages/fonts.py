@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import ImageFont
 
+from stages import textlayout
 from stages.contract import PermanentStageError
 
 # Bold Gothic faces first: ad copy is display text, and OCR reads heavy strokes more reliably.
@@ -27,17 +28,8 @@ NANUM_CANDIDATES = (
 )
 HANGUL_PROBE = "가한"  # a font without these is not Korean-capable
 
-# Pictographs are dropped even when the font happens to carry a glyph: they are emoji in the copy
-# and would render as a monochrome outline, not the colour emoji the writer meant.
-EMOJI_RANGES = (
-    (0x1F000, 0x1FAFF),  # mahjong .. symbols and pictographs extended-A, incl. flags, skin tones
-    (0x2600, 0x27BF),  # miscellaneous symbols, dingbats
-    (0x2B00, 0x2BFF),  # arrows and stars used as emoji (e.g. U+2B50)
-    (0xFE00, 0xFE0F),  # variation selectors
-    (0xE0000, 0xE007F),  # tag characters (subdivision flags)
-    (0x200D, 0x200D),  # zero-width joiner of emoji sequences
-    (0x20E3, 0x20E3),  # combining keycap
-)
+# Which characters are emoji, and that they are not drawn, is decided in one place for image and
+# caption alike: textlayout.apply_emoji_policy.
 
 
 class FontNotFoundError(RuntimeError):
@@ -131,10 +123,6 @@ def load_font(size: int, path: str | None = None) -> ImageFont.FreeTypeFont:
     return _load(path or font_path(), int(size))
 
 
-def _is_emoji(code: int) -> bool:
-    return any(lo <= code <= hi for lo, hi in EMOJI_RANGES)
-
-
 _SPACES = re.compile(r"\s+")
 
 
@@ -152,14 +140,18 @@ def clean_text_report(text: object, path: str | None = None) -> tuple[str, list[
     path = path or font_path()
     kept: list[str] = []
     dropped: list[str] = []
-    for ch in unicodedata.normalize("NFC", text):
+    normal = unicodedata.normalize("NFC", text)
+    drawn, _ = textlayout.apply_emoji_policy(normal, "image")
+    if drawn != normal:
+        # Reported character by character, as everything else this function drops.
+        dropped.extend(ch for a, b in textlayout.emoji_spans(normal) for ch in normal[a:b])
+    for ch in drawn:
         if ch.isspace():
             kept.append(" ")
             continue
         category = unicodedata.category(ch)
         if (
             category in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
-            or _is_emoji(ord(ch))
             or not font_has_char(path, ch)
         ):
             dropped.append(ch)

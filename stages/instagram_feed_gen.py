@@ -2,7 +2,8 @@
 
 The image is only scaled and padded, never cropped, so no rendered text is cut away; it leaves as an
 sRGB JPEG 1080 px wide, aspect ratio between 4:5 and 1.91:1, under 8 MB. The caption is the Korean
-copy, the English copy and hashtags, within Instagram's 30-hashtag and 2,200-character limits.
+copy, the English copy and one block of hashtags (each once, whatever its case), within Instagram's
+30-hashtag and 2,200-character limits.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from stages import imaging
+from stages import imaging, textlayout
 from stages.contract import PermanentStageError, StageInput, StageOutput
 
 FEED_WIDTH = 1080
@@ -35,7 +36,7 @@ SELECTION_RULE = (
     "text); a missing result counts 0; highest score wins, ties go to the lowest creation_order"
 )
 
-_HASHTAG = re.compile(r"#(\w+)")
+_HASHTAG = textlayout.HASHTAG_RE
 _WORD = re.compile(r"[^\W\d_]{3,}|[\uac00-\ud7a3]{2,}")
 STOPWORDS = frozenset(
     "the and for with you your our are was were this that from have has not but all any can "
@@ -137,8 +138,14 @@ def encode_under(img: Image.Image, max_bytes: int = MAX_BYTES) -> tuple[bytes, i
 
 
 def _caption_line(text: Any) -> str:
+    """NFC, one space between words, no control or format characters except inside emoji, which the
+    shared policy keeps whole in the caption (a ZWJ family, a subdivision flag)."""
     text = unicodedata.normalize("NFC", str(text or ""))
-    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("C") or ch in "\n\t")
+    text, _ = textlayout.apply_emoji_policy(text, "caption")
+    inside = {i for a, b in textlayout.emoji_spans(text) for i in range(a, b)}
+    text = "".join(
+        ch for i, ch in enumerate(text) if i in inside or not unicodedata.category(ch).startswith("C") or ch in "\n\t"
+    )
     return re.sub(r"\s+", " ", text).strip()
 
 
@@ -146,17 +153,29 @@ def _truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(0, limit - 1)].rstrip() + "…"
 
 
-def _limit_tags_in(text: str, allowed: int) -> tuple[str, int]:
-    """Keeps the first `allowed` hashtags of text as tags; later ones lose their '#'."""
-    seen = 0
+def _split_tags(line: str) -> tuple[str, list[str]]:
+    """(the line without its standalone hashtag runs, those tags): they go to the caption's tag block."""
+    pieces, tags, last = [], [], 0
+    for a, b, standalone in textlayout.hashtag_runs(line):
+        if standalone:
+            pieces.append(line[last:a])
+            tags.extend(textlayout.hashtags(line[a:b]))
+            last = b
+    pieces.append(line[last:])
+    return re.sub(r"\s+", " ", "".join(pieces)).strip(), tags
+
+
+def _dedupe_inline(text: str, seen: set[str], allowed: int) -> str:
+    """Inline tags after their first use anywhere in the caption, or past the limit, lose their '#'."""
 
     def keep(match: re.Match) -> str:
-        nonlocal seen
-        seen += 1
-        return match.group(0) if seen <= allowed else match.group(1)
+        tag = match.group(0).lower()
+        if tag in seen or len(seen) >= allowed:
+            return match.group(1)
+        seen.add(tag)
+        return match.group(0)
 
-    limited = _HASHTAG.sub(keep, text)
-    return limited, min(seen, allowed)
+    return textlayout.HASHTAG_RE.sub(keep, text)
 
 
 def _derived_tags(english: str, korean: str, subject: str) -> list[str]:
@@ -173,16 +192,28 @@ def _derived_tags(english: str, korean: str, subject: str) -> list[str]:
 
 
 def build_caption(korean: str, english: str, subject: str = "") -> tuple[str, list[str]]:
-    """(caption, every hashtag in it): Korean line, English line, then hashtags; all limits met."""
-    korean, english = _caption_line(korean), _caption_line(english)
-    korean, in_korean = _limit_tags_in(korean, MAX_HASHTAGS)
-    english, _ = _limit_tags_in(english, MAX_HASHTAGS - in_korean)
-    present = [f"#{t}" for t in _HASHTAG.findall(f"{korean} {english}")]
-    seen = {t.lower() for t in present}
+    """(caption, every hashtag in it): Korean line, English line, then one block of hashtags.
+
+    Each hashtag appears once, compared case-insensitively (the first spelling wins): a tag the
+    Korean line already carries is not repeated from the English one. Standalone tag runs move to the
+    block; a tag used as a word in a sentence stays there. The copy's own tags come before derived
+    ones, and derived ones are the first to go when a limit is reached. Emoji stay (textlayout's
+    emoji policy); all limits are met.
+    """
+    korean, korean_tags = _split_tags(_caption_line(korean))
+    english, english_tags = _split_tags(_caption_line(english))
+    seen: set[str] = set()
+    korean = _dedupe_inline(korean, seen, MAX_HASHTAGS)
+    english = _dedupe_inline(english, seen, MAX_HASHTAGS)
+    own: list[str] = []
+    for tag in korean_tags + english_tags:
+        if tag.lower() not in seen and len(seen) < MAX_HASHTAGS:
+            seen.add(tag.lower())
+            own.append(tag)
     added: list[str] = []
     for word in _derived_tags(english, korean, _caption_line(subject)):
         tag = f"#{word}"
-        if len(present) + len(added) >= MAX_HASHTAGS:
+        if len(seen) >= MAX_HASHTAGS:
             break
         if tag.lower() not in seen:
             seen.add(tag.lower())
@@ -190,17 +221,20 @@ def build_caption(korean: str, english: str, subject: str = "") -> tuple[str, li
 
     def assemble() -> str:
         body = "\n".join(line for line in (korean, english) if line)
-        return f"{body}\n\n{' '.join(added)}" if added else body
+        block = " ".join(own + added)
+        return f"{body}\n\n{block}" if block and body else body or block
 
     while len(assemble()) > MAX_CAPTION_CHARS and added:
         added.pop()
-    if len(korean) + 1 + len(english) > MAX_CAPTION_CHARS:
+    block = len(" ".join(own)) + 2 if own else 0
+    if len(korean) + 1 + len(english) + block > MAX_CAPTION_CHARS:
         # Copy this long is an upstream fault; keep both languages, Korean first in the budget.
-        half = (MAX_CAPTION_CHARS - 1) // 2
-        korean = _truncate(korean, max(half, MAX_CAPTION_CHARS - 1 - len(english)))
-        english = _truncate(english, MAX_CAPTION_CHARS - 1 - len(korean))
+        budget = MAX_CAPTION_CHARS - block
+        half = (budget - 1) // 2
+        korean = _truncate(korean, max(half, budget - 1 - len(english)))
+        english = _truncate(english, budget - 1 - len(korean))
     caption = assemble()
-    return caption, [f"#{t}" for t in _HASHTAG.findall(caption)]
+    return caption, textlayout.hashtags(caption)
 
 
 # --- the stage -------------------------------------------------------------------------------------

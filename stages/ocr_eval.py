@@ -2,12 +2,12 @@
 
 Each line's ink box is cropped (without touching the neighbouring lines), turned into dark text on a
 light ground and scaled so Tesseract sees glyphs of the size it was trained on, then read in
-single-line mode. The character error rate decides pass or fail.
+single-line mode with the language its copy is in (stages/ocr_engine.py owns the engines). The
+character error rate decides pass or fail.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 import unicodedata
 from typing import Any, Sequence
@@ -18,6 +18,8 @@ from PIL import Image, ImageOps
 from stages import fonts, imaging
 from stages.boxes import parse_box, read_text_boxes
 from stages.contract import StageInput, StageOutput
+from stages.ocr_engine import Engine, default_engine
+from stages.ocr_engine import TesseractUnavailable  # noqa: F401  (callers catch it as ocr_eval's)
 
 CER_THRESHOLD = 0.10
 PASS_RULE = "passed when the space-insensitive character error rate over all lines <= cer_threshold"
@@ -25,34 +27,20 @@ TARGET_INK_HEIGHT = 48  # px of a line's ink after scaling: an x-height of about
 MARGIN_X = 0.5  # crop margins, as a share of the line's ink height
 MARGIN_Y = 0.25
 BORDER = 20  # white border Tesseract's page segmentation expects around a line
-TESSERACT_CONFIG = "--psm 7"
 
 
-class TesseractUnavailable(RuntimeError):
-    """Tesseract or a language pack is missing: fix the installation, the input is fine."""
+def line_language(text: str) -> str:
+    """Tesseract's language set for a line of copy: kor for Hangul, eng for Latin, both for a mix.
 
-
-@functools.lru_cache(maxsize=1)
-def _languages() -> frozenset[str]:
-    import pytesseract
-
-    try:
-        pytesseract.get_tesseract_version()
-        return frozenset(pytesseract.get_languages(config=""))
-    except pytesseract.TesseractNotFoundError:
-        raise TesseractUnavailable(
-            "tesseract is not installed or not on PATH (Debian: apt-get install tesseract-ocr "
-            "tesseract-ocr-kor); ocr_eval cannot run here"
-        ) from None
-
-
-def _require(lang: str) -> None:
-    missing = [code for code in lang.split("+") if code not in _languages()]
-    if missing:
-        raise TesseractUnavailable(
-            f"tesseract language data missing: {', '.join(missing)} "
-            f"(Debian: apt-get install {' '.join('tesseract-ocr-' + m for m in missing)})"
-        )
+    One model reads a line in about half the time of two (bench/cpu_stages.py). Digits and
+    punctuation are in both models, so they do not decide; a line of neither script is read as
+    eng, as before.
+    """
+    hangul = fonts.has_hangul(text)
+    latin = any(ch.isalpha() and "LATIN" in unicodedata.name(ch, "") for ch in text)
+    if hangul and latin:
+        return "kor+eng"
+    return "kor" if hangul else "eng"
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -125,14 +113,16 @@ def prepare_line(img: Image.Image, bounds: Sequence[int], ink_height: float, tex
     return ImageOps.expand(resized, border=BORDER, fill=int(np.median(edge)))
 
 
-def read_line(line_img: Image.Image, lang: str) -> str:
-    import pytesseract
-
-    _require(lang)
-    return normalise(pytesseract.image_to_string(line_img, lang=lang, config=TESSERACT_CONFIG))
+def read_line(line_img: Image.Image, lang: str, engine: Engine | None = None) -> str:
+    return normalise((engine or default_engine()).read(line_img, lang))
 
 
 def run(inp: StageInput) -> StageOutput:
+    return evaluate(inp, default_engine())
+
+
+def evaluate(inp: StageInput, engine: Engine) -> StageOutput:
+    """The stage with a given engine: bench/ and the tests compare both on the same input."""
     overlay = inp.results.get("overlay")
     lines = read_text_boxes(overlay, "there is no rendered text to read")
     img = imaging.artifact_image(inp.read_artifact, overlay, "overlay.png", "overlay")
@@ -144,9 +134,9 @@ def run(inp: StageInput) -> StageOutput:
     distance = distance_nospace = length = length_nospace = 0
     for i, (line, box) in enumerate(zip(lines, boxes, strict=True)):
         expected = normalise(line.text)
-        lang = "kor+eng" if fonts.has_hangul(expected) else "eng"
+        lang = line_language(expected)
         bounds = _crop_bounds(box, boxes[:i] + boxes[i + 1 :], limits, img.size)
-        read = read_line(prepare_line(img, bounds, box[3] - box[1], text_rgb), lang)
+        read = read_line(prepare_line(img, bounds, box[3] - box[1], text_rgb), lang, engine)
         d = levenshtein(expected, read)
         d_ns = levenshtein(_no_space(expected), _no_space(read))
         distance, distance_nospace = distance + d, distance_nospace + d_ns
@@ -175,5 +165,6 @@ def run(inp: StageInput) -> StageOutput:
             "cer_threshold": CER_THRESHOLD,
             "pass_rule": PASS_RULE,
             "passed": cer_nospace <= CER_THRESHOLD,
+            "engine": engine.name,
         }
     )

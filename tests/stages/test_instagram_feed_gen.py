@@ -170,3 +170,44 @@ def test_missing_korean_copy_is_refused():
     )
     with pytest.raises(PermanentStageError, match="Korean copy"):
         feed.run(inp)
+
+
+# --- hashtags and emoji in the caption ---------------------------------------------------------------
+
+
+def test_hashtags_appear_once_whatever_their_case():
+    korean = "여름 세일 50% 할인 #Sale #summer\n#여름세일"
+    english = "Summer sale 50% off #sale #Summer #SALE #new"
+    caption, tags = feed.build_caption(korean, english, "red sneakers")
+    assert [t.lower() for t in tags].count("#sale") == 1 and [t.lower() for t in tags].count("#summer") == 1
+    assert len({t.lower() for t in tags}) == len(tags)
+    assert "#Sale" in tags and "#sale" not in tags  # the first spelling wins
+    lines = caption.split("\n")
+    # The tag runs moved out of both copy lines into one block at the end.
+    assert lines[0] == "여름 세일 50% 할인" and lines[1] == "Summer sale 50% off" and lines[2] == ""
+    assert lines[3].split()[:4] == ["#Sale", "#summer", "#여름세일", "#new"]
+
+
+def test_a_tag_used_as_a_word_stays_in_its_sentence_once():
+    caption, tags = feed.build_caption("매일 아침 #coffee 한 잔", "Love #Coffee every morning #coffee", "")
+    assert caption.split("\n")[0] == "매일 아침 #coffee 한 잔"
+    assert caption.split("\n")[1] == "Love Coffee every morning"  # a repeat keeps its word, loses its '#'
+    assert [t.lower() for t in tags].count("#coffee") == 1
+
+
+def test_a_number_sign_is_not_a_hashtag():
+    caption, tags = feed.build_caption("1위 커피", "The #1 coffee in town", "")
+    assert "The #1 coffee in town" in caption and "#1" not in tags
+
+
+def test_caption_keeps_emoji_whole_by_the_shared_policy():
+    family, keycap = "👨\u200d👩\u200d👧", "1\ufe0f\u20e3"
+    scotland = "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"  # tag characters
+    caption, _ = feed.build_caption(f"가족 세일 {family} {keycap}", f"Family sale {family} {scotland}\x07", "")
+    assert family in caption and scotland in caption and keycap in caption
+    assert "\x07" not in caption  # other control characters still go
+    from stages import textlayout
+
+    # The same function that keeps them here is the one that leaves them off the image.
+    drawn, removed = textlayout.image_text(f"Family sale {family} {scotland}")
+    assert drawn == "Family sale" and removed == [family, scotland]
