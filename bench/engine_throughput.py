@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from outbox import migrate  # noqa: E402
 from outbox.embedded import EmbeddedPostgres  # noqa: E402
+from workers import launch  # noqa: E402
 
 PROCESSES, CONCURRENCY, VARIANTS = int(os.environ.get("BENCH_PROCESSES", 4)), 8, 3
 EXECUTIONS_PER_JOB = VARIANTS * 8 + 2
@@ -37,7 +38,7 @@ def start_workers(argv_for, count, env, log_dir: Path, ready_text: str | None):
     procs = []
     for i in range(count):
         log = open(log_dir / f"worker{i}.log", "wb")
-        procs.append((subprocess.Popen(argv_for(i), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append((launch.spawn(argv_for(i), env, log), log))
     if ready_text:
         deadline = time.monotonic() + 60
         while sum(ready_text in (log_dir / f"worker{i}.log").read_text(errors="replace") for i in range(count)) < count:

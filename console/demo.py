@@ -8,12 +8,10 @@ child also gets a parent-death signal, so even a killed demo leaves no process b
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -22,8 +20,8 @@ from pathlib import Path
 from typing import TextIO
 
 from outbox import config, db
+from workers import launch
 
-PR_SET_PDEATHSIG = 1
 REAL_WEIGHT_VARIABLES = ("VLM_MODEL", "YOLO_MODEL", "TRANSLATION_MODEL")
 STOP_GRACE_S = 5.0
 
@@ -48,10 +46,6 @@ def demo_profile(explicit: str | None = None) -> tuple[str, str]:
     if named:
         return "real", ", ".join(named)
     return "tiny", "no real weights configured"
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -121,14 +115,11 @@ class Demo:
         if self.profile == "tiny":  # nothing to download: stay offline
             for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "YOLO_OFFLINE"):
                 env.setdefault(name, "1")
-        argv = [sys.executable, "-m", "workers", "start", "--models", self.profile, "--concurrency",
-                str(self.concurrency), "--grace", str(STOP_GRACE_S)]
+        args = ["--models", self.profile, "--concurrency", str(self.concurrency), "--grace", str(STOP_GRACE_S)]
         with open(self.log_path, "wb") as log:  # this run's log only
             for _ in range(self.worker_count):
                 # Own session: a terminal's Ctrl-C reaches the demo, which stops them in order.
-                self.processes.append(subprocess.Popen(
-                    argv, cwd=config.PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, start_new_session=True))
+                self.processes.append(launch.spawn_worker(args, env, log, own_session=True))
         self.say("workers", f"{self.worker_count} worker process(es), pids "
                             f"{', '.join(str(p.pid) for p in self.processes)}; log {self.log_path}")
         threading.Thread(target=self._watch_workers, name="demo-workers", daemon=True).start()

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+from typing import Callable
 from pathlib import Path
 
 import psycopg
@@ -57,9 +58,13 @@ def _as_postgres_user(argv: list[str]) -> list[str]:
     return ["unshare", "--map-user=1000", "--map-group=1000", *argv]
 
 
-def _die_with_parent() -> None:
-    # SIGINT is PostgreSQL's fast shutdown: clients are disconnected, data stays consistent.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None]:
+    """A preexec_fn: the kernel sends the child `sig` when the process that started it dies (even
+    by SIGKILL), so nothing it started outlives it. The one copy: PostgreSQL here, and every
+    worker through workers/launch.py. Runs between fork and exec: one prctl call, nothing else."""
+    def preexec() -> None:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
+    return preexec
 
 
 def _running_port(data_dir: Path) -> int | None:
@@ -153,5 +158,5 @@ class EmbeddedPostgres:
             argv += ["-c", f"{key}={value}"]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(_as_postgres_user(argv), stdout=log, stderr=log,
-                                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(signal.SIGINT))  # SIGINT: PostgreSQL's fast shutdown
         self._wait_ready(60.0)

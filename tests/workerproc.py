@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psycopg
+
+from workers import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_REGISTRY = "tests.engine_stages:build_registry"
@@ -18,11 +19,10 @@ class WorkerProcess:
     def __init__(self, db_url: str, log_path: Path, *args: str, env: dict | None = None):
         self.log_path = log_path
         self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", "start", "--registry", TEST_REGISTRY, *args],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "DATABASE_URL": db_url, "JOB_STATE_LISTENER_RECONNECT_DELAY": "0.2",
-                 "PYTHONUNBUFFERED": "1", "HEALTH_ADDR": "", **(env or {})})
+        self.proc = launch.spawn_worker(
+            ["--registry", TEST_REGISTRY, *args],
+            {**os.environ, "DATABASE_URL": db_url, "JOB_STATE_LISTENER_RECONNECT_DELAY": "0.2",
+             "PYTHONUNBUFFERED": "1", "HEALTH_ADDR": "", **(env or {})}, self.log)
 
     def signal(self, sig: signal.Signals) -> None:
         if self.proc.poll() is None:

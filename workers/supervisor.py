@@ -24,18 +24,17 @@ still there STOP_MARGIN_S after that grace (stuck), so a stop ends even then.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import select
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
+from workers import launch
+
 log = logging.getLogger("workers.supervisor")
-PR_SET_PDEATHSIG = 1
 
 FIRST_BACKOFF_S = 0.5     # the first crash's restart delay; doubles per crash in a row
 MAX_BACKOFF_S = 30.0
@@ -46,12 +45,6 @@ STOP_MARGIN_S = 10.0      # after SIGTERM, a child still running grace_s + this 
 # sends them: a child killed by one of these did not crash. SIGSEGV, SIGABRT, SIGBUS, SIGFPE,
 # SIGILL come from the code itself and count as crashes.
 OUTSIDE_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: the kernel sends it SIGTERM when the supervisor
-    # dies, even by SIGKILL, so no worker outlives it.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -85,7 +78,7 @@ def supervise(child_argv: list[str], processes: int, env: dict[str, str], grace_
     them and returns the first non-zero exit code a child stopped with (a child killed by a signal
     while stopping does not count), or 1 if one had to be killed as stuck, else 0. Main thread only
     (signal handlers)."""
-    command = list(command) if command is not None else [sys.executable, "-m", "workers"]
+    command = list(command) if command is not None else launch.worker_command()[:-1]  # child_argv starts with "start"
     slots = [_Slot(i, restart_at=time.monotonic()) for i in range(processes)]  # the first start is a due restart
     by_pid: dict[int, _Slot] = {}
     stops: list[str] = []      # appended by the handler; the loop handles entries past `handled`
@@ -98,8 +91,7 @@ def supervise(child_argv: list[str], processes: int, env: dict[str, str], grace_
         slot.restart_at = None
         try:
             # The slot moves each child's health port (--health-addr PORT + slot).
-            proc = subprocess.Popen([*command, *child_argv], env={**env, "ADFLOW_WORKER_SLOT": str(slot.index)},
-                                    preexec_fn=_die_with_parent)
+            proc = launch.spawn([*command, *child_argv], {**env, "ADFLOW_WORKER_SLOT": str(slot.index)})
         except OSError as exc:
             # fork or exec failed (out of memory or processes, a bad executable): like a crash,
             # so that a lasting cause backs off instead of failing in a tight loop.

@@ -13,7 +13,6 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -24,6 +23,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from tests.helpers import wait_until
+from workers import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 REGISTRY = "tests.faults.fault_stages:build_registry"
@@ -76,8 +76,7 @@ class Worker:
         self.generation += 1
         with open(self.log_path, "ab") as log:
             log.write(f"=== start {self.generation} ===\n".encode())
-            self.proc = subprocess.Popen([sys.executable, "-m", "workers", "start", "--registry", REGISTRY, *self.args],
-                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            self.proc = launch.spawn_worker(["--registry", REGISTRY, *self.args], self.env, log)
         self._offset = self.log_path.stat().st_size
 
     @property
