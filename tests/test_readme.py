@@ -26,8 +26,10 @@ def command_tree():
 
 
 def readme_invocations() -> list[str]:
-    """Every `cli.py ...` or `workers ...` invocation in code spans and code blocks."""
-    snippets = re.findall(r"```.*?```", README, re.S) + re.findall(r"`([^`\n]+)`", README)
+    """Every `cli.py ...` or `workers ...` invocation in code spans and code blocks (the file
+    layout's block names files, not commands)."""
+    text = README.replace("```\n" + "\n".join(layout_block()) + "\n```", "")
+    snippets = re.findall(r"```.*?```", text, re.S) + re.findall(r"`([^`\n]+)`", text)
     found = []
     for snippet in snippets:
         for line in snippet.replace("\\|", "/").splitlines():  # `a\|b` in a table cell is "a or b"
@@ -103,3 +105,25 @@ def test_cli_help_imports_no_model_library():
             "print('HEAVY', heavy)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in done.stdout, done.stdout[-500:] + done.stderr
+
+
+def layout_block() -> list[str]:
+    text = README.split("## Layout", 1)[1].split("```", 2)[1]
+    return text.strip("\n").splitlines()
+
+
+def test_the_layout_in_the_readme_matches_the_tree():
+    """Every module of the four packages is listed under its folder, and every listed file exists."""
+    listed, folder = set(), None
+    for line in layout_block():
+        name = line.split()[0]
+        if not line.startswith(" "):
+            folder = name.rstrip("/") if name.endswith("/") else None
+            assert (ROOT / name).exists(), name
+        elif folder:
+            listed.add(f"{folder}/{name}")
+    for path in sorted(listed):
+        assert (ROOT / path).exists(), f"README lists {path}, which does not exist"
+    modules = {str(p.relative_to(ROOT)) for folder in ("outbox", "workers", "stages", "console")
+               for p in (ROOT / folder).glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    assert sorted(modules - listed) == [], "modules missing from the README's layout"
