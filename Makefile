@@ -71,6 +71,8 @@ bench: install
 	$(PY) bench/engine_throughput.py
 	$(PY) bench/claim_history.py
 	$(PY) bench/cli_startup.py
+	$(PY) bench/cpu_stages.py
+	$(PY) bench/creative_quality.py
 
 clean:
 	rm -rf $(VENV) .adflow

@@ -1,101 +1,132 @@
-"""planner stage: proposes where and how the ad copy goes on the image, and picks one proposal.
+"""planner stage: searches for where and how the ad copy goes on the image, and picks one placement.
 
-Candidate regions (bands, corners, sides, centre) each get the largest font size at which the
-wrapped copy fits, then a score: avoid detected objects (the product above all), avoid salient and
-busy areas, prefer high contrast and large text. The copy is never placed outside the image: if it
-cannot fit anywhere at the minimum legible size, the stage refuses.
+Placement is a search, not a menu. Candidate text blocks cover the whole image: every position on
+a grid inside the safe margins x font sizes (from large down to the legibility floor) x line counts
+(wrap widths); the alignment follows the block's side of the image. Hard constraints come first and
+are exact: the block lies inside the safe margins, covers at most MAX_BLOCK_SHARE of the image, and
+touches no detected object's box, no face and no person (faces and the persons under them are found
+here even when no object detector ran). Survivors are scored on saliency, the subject map, busyness,
+contrast, size and balance with the subject.
+
+When nothing fits, a fallback ladder, each rung recorded in the result's "fallback":
+  1. smaller type, down to the floor (the smallest text MIN_CSS_PX on a 375 px wide phone);
+  2. "headline": the first sentence (or clause, or words) on the image, the rest in the caption
+     ("caption_text" in the result, for the feed stage to carry);
+  3. "band": a full-width band with a backing at the top or bottom edge (never over a face);
+  4. a PermanentStageError for this variant that says why. Copy length alone never fails a job.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from stages import fonts, imaging, saliency, textlayout
+from stages import fonts, imaging, legibility, saliency, textlayout
 from stages.boxes import Detection, area, intersection, read_detections
 from stages.contract import PermanentStageError, StageInput, StageOutput
 
-MIN_FONT_RATIO = 0.03  # of the image height: smaller copy is not legible in a phone feed
-MIN_FONT_PX = 12
-MAX_FONT_RATIO = 0.12
-MARGIN_RATIO = 0.04  # keeps text off the image edge, where feeds crop and round corners
-ANALYSIS_MAX_SIDE = 512  # scores are averages over boxes: a thumbnail measures them well enough
+MAX_FONT_RATIO = 0.12  # of the image height: larger copy shouts over the picture
+MARGIN_RATIO = 0.04  # of the shorter side: keeps text off the edge, where feeds crop and round corners
+MAX_BLOCK_SHARE = 0.25  # the text block's area over the image's
+CLEARANCE_RATIO = 0.01  # of the shorter side: air kept between the block and any object or face
+FACE_CLEARANCE = 0.15  # of the face's size: the block keeps off hair and chin too
+ANALYSIS_MAX_SIDE = 384  # scores are box means: a thumbnail measures them well enough
+CONSTRAINT_MAX_SIDE = 1024  # the hard-constraint mask: boxes are rounded outwards, so it stays exact
+SIZE_STEP = 1.18  # ratio between successive candidate font sizes
+WRAP_FRACTIONS = (1.0, 0.8, 0.62, 0.48, 0.36)  # wrap widths, as shares of the widest allowed line
+GRID_STEPS = 40  # positions per image side on the search grid
+CONTRAST_SHORTLIST = 60  # candidates whose text colour and contrast are measured exactly
+PROPOSALS = 8  # distinct placements kept in the result
+DISTINCT_IOU = 0.5  # proposals overlapping more than this are one placement
 PALETTE_SIZE = 3
 PALETTE_MIN_CONTRAST = 7.0  # an image colour replaces black/white only when it reaches WCAG AAA
 CONTRAST_CAP = 7.0
-PRODUCT_WEIGHT = 1.0
-OBJECT_WEIGHT = 0.4
-WEIGHTS = {"object_overlap": 3.0, "saliency": 1.0, "busyness": 1.0, "contrast": 0.5, "size": 0.5}
+MAX_LINES = 4  # more lines than this on a post is a paragraph, not ad copy: the caption takes it
+MAX_HEADLINE_CHARS = 70  # a headline is read at a glance
+CENTRE_PRIOR = 0.5  # photographers centre their subject: the middle counts as subject this much
+CENTRE_SIGMA = 0.25  # of each side
+WEIGHTS = {
+    "saliency": 1.0, "subject": 1.5, "busyness": 1.0, "contrast": 0.5, "size": 0.8, "balance": 0.3,
+    "block_share": 0.5, "extra_lines": 0.05, "salient_share": 2.0,
+}
+SALIENT_LEVEL = 0.2  # spectral-residual saliency above this marks something a viewer looks at
 SCORING_RULE = (
-    "score = 1 - 3*object_overlap - saliency - busyness + 0.5*min(contrast,7)/7 + 0.5*size, where "
-    "object_overlap = max over detections of weight*intersection/min(box area, object area) "
-    "(weight 1.0 product, 0.4 other objects), saliency = mean spectral-residual saliency in the "
-    "box, busyness = edge density in the box, contrast = WCAG ratio of the text colour against the "
-    "10% of background pixels closest to it, size = font size / largest allowed size; proposals "
-    "touching the product rank after all that do not; ties keep the earlier proposal"
+    "hard constraints first: inside the safe margins (4% of the shorter side), block <= 25% of the "
+    "image, no overlap with any detected object, face or person (faces by dlib HOG, a person "
+    "estimated under each face), text >= 14 CSS px on a 375 px phone; then score = 1 - saliency - "
+    "1.5*subject - busyness + 0.5*min(contrast,7)/7 + 0.8*size + 0.3*balance - 0.5*block_share - "
+    "0.05*(lines beyond 2) - 2*salient_share, at most 4 lines, where salient_share = share of the "
+    "block where spectral-residual saliency > 0.2, saliency = mean spectral-residual saliency in the "
+    "box, subject = mean of the face/person/object map with a centre prior, busyness = "
+    "edge density, contrast = WCAG ratio of the text colour against the 10% of background pixels "
+    "closest to it, size = font size / largest size, balance = 1 - distance between the image centre "
+    "and the midpoint of text and subject centres (as a share of the half diagonal); fallbacks: "
+    "smaller type to the floor, then headline on the image with the rest in the caption, then a "
+    "full-width band with a backing at the top or bottom edge, never over a face (band score = 1 - "
+    "2*share of the subject map under the band + 0.8*size), then a per-variant error"
 )
 
 BLACK = (0, 0, 0)
 WHITE = (255, 255, 255)
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
+_CLAUSE_END = re.compile(r"(?<=[,;:，、])\s+|\s+[-–—|]\s+")
 
 
 @dataclass(frozen=True)
-class Region:
-    name: str
-    frac: tuple[float, float, float, float]  # of the area inside the margins
-    halign: str  # left / center / right
-    valign: str  # top / center / bottom
-
-
-REGIONS = (
-    Region("top", (0.0, 0.0, 1.0, 0.25), "center", "top"),
-    Region("top_tall", (0.0, 0.0, 1.0, 0.38), "center", "top"),
-    Region("bottom", (0.0, 0.75, 1.0, 1.0), "center", "bottom"),
-    Region("bottom_tall", (0.0, 0.62, 1.0, 1.0), "center", "bottom"),
-    Region("top_left", (0.0, 0.0, 0.55, 0.38), "left", "top"),
-    Region("top_right", (0.45, 0.0, 1.0, 0.38), "right", "top"),
-    Region("bottom_left", (0.0, 0.62, 0.55, 1.0), "left", "bottom"),
-    Region("bottom_right", (0.45, 0.62, 1.0, 1.0), "right", "bottom"),
-    Region("left", (0.0, 0.2, 0.5, 0.8), "left", "center"),
-    Region("right", (0.5, 0.2, 1.0, 0.8), "right", "center"),
-    Region("center", (0.1, 0.3, 0.9, 0.7), "center", "center"),
-)
-# Only tried when no region above can hold the copy: the whole image inside the margins.
-FALLBACK_REGION = Region("full", (0.0, 0.0, 1.0, 1.0), "center", "center")
-
-
-@dataclass(frozen=True)
-class Fit:
-    region: Region
+class Layout:
     font_size: int
     lines: list[str]
+    size: tuple[int, int]  # box width, height (padding included)
+
+
+@dataclass(frozen=True)
+class Candidate:
     box: tuple[int, int, int, int]
+    layout: Layout
+    align: str
+    region: str
+    prescore: float
+    terms: dict
 
 
 class _Maps:
     """Per-pixel maps of a thumbnail, with integrals for fast box means."""
 
-    def __init__(self, img: Image.Image):
+    def __init__(self, img: Image.Image, subject: np.ndarray):
         self.scale = min(1.0, ANALYSIS_MAX_SIDE / max(img.size))
         size = (max(1, round(img.width * self.scale)), max(1, round(img.height * self.scale)))
         thumb = img.resize(size, Image.Resampling.BILINEAR) if self.scale < 1.0 else img
         grey = imaging.grey_array(thumb)
         self.luminance = imaging.relative_luminance(imaging.rgb_array(thumb))
-        self.saliency = saliency.integral_image(saliency.spectral_residual(grey))
+        self.saliency_map = saliency.spectral_residual(grey)
+        self.saliency = saliency.integral_image(self.saliency_map)
+        # The share of a block over salient things: a mean would let a small salient object hide
+        # inside a large calm block.
+        self.salient = saliency.integral_image((self.saliency_map > SALIENT_LEVEL).astype(np.float64))
         self.edges = saliency.integral_image(saliency.edge_map(grey))
+        self.subject = saliency.integral_image(subject if subject.shape == (size[1], size[0]) else saliency.resize_map(subject, size))
         self.palette = _palette(thumb)
 
-    def cell(self, box: Sequence[int]) -> tuple[int, int, int, int]:
+    def cells(self, x1, y1, x2, y2):
+        """Thumbnail cells of full-size boxes (arrays broadcast)."""
         h, w = self.luminance.shape
-        x1 = min(w - 1, max(0, int(box[0] * self.scale)))
-        y1 = min(h - 1, max(0, int(box[1] * self.scale)))
-        x2 = min(w, max(x1 + 1, int(np.ceil(box[2] * self.scale))))
-        y2 = min(h, max(y1 + 1, int(np.ceil(box[3] * self.scale))))
-        return x1, y1, x2, y2
+        s = self.scale
+        cx1 = np.clip((np.asarray(x1) * s).astype(int), 0, w - 1)
+        cy1 = np.clip((np.asarray(y1) * s).astype(int), 0, h - 1)
+        cx2 = np.clip(np.ceil(np.asarray(x2) * s).astype(int), cx1 + 1, w)
+        cy2 = np.clip(np.ceil(np.asarray(y2) * s).astype(int), cy1 + 1, h)
+        return cx1, cy1, cx2, cy2
+
+
+def _box_means(table: np.ndarray, x1, y1, x2, y2) -> np.ndarray:
+    total = table[y2, x2] - table[y1, x2] - table[y2, x1] + table[y1, x1]
+    return total / np.maximum(1, (x2 - x1) * (y2 - y1))
 
 
 def _palette(img: Image.Image) -> list[tuple[int, int, int]]:
@@ -105,76 +136,254 @@ def _palette(img: Image.Image) -> list[tuple[int, int, int]]:
     return [tuple(raw[3 * idx : 3 * idx + 3]) for _, idx in counts]  # most frequent first
 
 
-def _font_bounds(height: int) -> tuple[int, int]:
-    smallest = max(MIN_FONT_PX, int(round(height * MIN_FONT_RATIO)))
-    largest = max(smallest, int(round(height * MAX_FONT_RATIO)))
-    return smallest, largest
+def margin(size: tuple[int, int]) -> int:
+    return int(round(min(size) * MARGIN_RATIO))
 
 
-def _region_rect(region: Region, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    width, height = size
-    margin = int(round(min(width, height) * MARGIN_RATIO))
-    inner_w, inner_h = width - 2 * margin, height - 2 * margin
-    fx1, fy1, fx2, fy2 = region.frac
-    return (
-        margin + int(round(fx1 * inner_w)),
-        margin + int(round(fy1 * inner_h)),
-        margin + int(round(fx2 * inner_w)),
-        margin + int(round(fy2 * inner_h)),
-    )
+def font_sizes(size: tuple[int, int]) -> list[int]:
+    """Candidate em sizes in image px, largest first, the last one the legibility floor."""
+    smallest = legibility.min_font_px(size)
+    largest = max(smallest, int(round(size[1] * MAX_FONT_RATIO)))
+    sizes, current = [], float(largest)
+    while current > smallest:
+        sizes.append(int(round(current)))
+        current /= SIZE_STEP
+    sizes.append(smallest)
+    return sorted(set(sizes), reverse=True)
 
 
-def _layout_at(text: str, size: int, rect: Sequence[int]) -> tuple[list[str], tuple[int, int]] | None:
-    font = fonts.load_font(size)
-    pad = textlayout.padding(size)
-    lines = textlayout.wrap_text(text, font, (rect[2] - rect[0]) - 2 * pad)
-    if not lines:
-        return None
-    box_w, box_h = textlayout.box_size(lines, font)
-    if box_w > rect[2] - rect[0] or box_h > rect[3] - rect[1]:
-        return None
-    return lines, (box_w, box_h)
-
-
-def _fit(text: str, region: Region, size: tuple[int, int]) -> Fit | None:
-    """Largest font size at which the copy fits the region, placed at the region's anchor."""
-    rect = _region_rect(region, size)
-    smallest, largest = _font_bounds(size[1])
-    best = _layout_at(text, smallest, rect)
-    if best is None:
-        return None
-    best_size = smallest
-    lo, hi = smallest + 1, largest
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        layout = _layout_at(text, mid, rect)
-        if layout is None:
-            hi = mid - 1
-        else:
-            best, best_size, lo = layout, mid, mid + 1
-    lines, (box_w, box_h) = best
-    x1 = {"left": rect[0], "right": rect[2] - box_w}.get(region.halign, (rect[0] + rect[2] - box_w) // 2)
-    y1 = {"top": rect[1], "bottom": rect[3] - box_h}.get(region.valign, (rect[1] + rect[3] - box_h) // 2)
-    return Fit(region, best_size, lines, (x1, y1, x1 + box_w, y1 + box_h))
-
-
-def _overlaps(box: Sequence[int], detections: Sequence[Detection]) -> tuple[float, float]:
-    """(weighted object overlap, product overlap), each a share in [0, 1]."""
-    weighted = product = 0.0
-    for det in detections:
-        smaller = min(area(box), area(det.box))
-        inter = intersection(box, det.box)
-        if inter is None or smaller <= 0:
+def layouts(text: str, font_size: int, max_width: int, max_height: int) -> list[Layout]:
+    """The distinct wrappings of text at one size whose box fits max_width x max_height."""
+    font = fonts.load_font(font_size)
+    pad = textlayout.padding(font_size)
+    out: dict[tuple[str, ...], Layout] = {}
+    for fraction in WRAP_FRACTIONS:
+        inner = int(max_width * fraction) - 2 * pad
+        if inner <= 0:
             continue
-        share = min(1.0, area(inter) / smaller)
-        weighted = max(weighted, share * (PRODUCT_WEIGHT if det.is_product else OBJECT_WEIGHT))
-        if det.is_product:
-            product = max(product, share)
-    return weighted, product
+        lines = textlayout.wrap_text(text, font, inner)
+        if not lines or tuple(lines) in out or len(lines) > MAX_LINES:
+            continue
+        w, h = textlayout.box_size(lines, font)
+        if w <= max_width and h <= max_height:
+            out[tuple(lines)] = Layout(font_size, lines, (w, h))
+    return list(out.values())
 
 
-def _pick_colour(maps: _Maps, cell: tuple[int, int, int, int]) -> tuple[tuple[int, int, int], float]:
-    x1, y1, x2, y2 = cell
+def _mask_table(size: tuple[int, int], boxes, scale: float) -> np.ndarray:
+    """Integral image, `scale` times the image size, of the union of boxes rounded outwards."""
+    width, height = max(1, math.ceil(size[0] * scale)), max(1, math.ceil(size[1] * scale))
+    mask = np.zeros((height, width), dtype=np.float64)
+    for x1, y1, x2, y2 in boxes:
+        x1, y1 = max(0, math.floor(x1 * scale)), max(0, math.floor(y1 * scale))
+        x2, y2 = min(width, math.ceil(x2 * scale)), min(height, math.ceil(y2 * scale))
+        if x2 > x1 and y2 > y1:
+            mask[y1:y2, x1:x2] = 1.0
+    return saliency.integral_image(mask)
+
+
+def _grown(box, grow: float):
+    return (box[0] - grow, box[1] - grow, box[2] + grow, box[3] + grow)
+
+
+def _forbidden(size, detections: Sequence[Detection], faces: Sequence[saliency.Face], scale: float) -> np.ndarray:
+    """Where no text block may reach: objects, faces (with hair and chin) and persons, plus air."""
+    air = CLEARANCE_RATIO * min(size)
+    boxes = [_grown(d.box, air) for d in detections]
+    for face in faces:
+        fx1, fy1, fx2, fy2 = face.box
+        boxes.append(_grown(face.box, air + FACE_CLEARANCE * max(fx2 - fx1, fy2 - fy1)))
+        boxes.append(_grown(face.person, air))
+    return _mask_table(size, boxes, scale)
+
+
+def _face_mask(size, faces: Sequence[saliency.Face], scale: float) -> np.ndarray:
+    boxes = []
+    for face in faces:
+        fx1, fy1, fx2, fy2 = face.box
+        boxes.append(_grown(face.box, FACE_CLEARANCE * max(fx2 - fx1, fy2 - fy1)))
+    return _mask_table(size, boxes, scale)
+
+
+def _table_hits(table: np.ndarray, scale: float, x1, y1, x2, y2) -> np.ndarray:
+    """Whether each full-size box touches the mask, its cells rounded outwards (never missed)."""
+    h, w = table.shape[0] - 1, table.shape[1] - 1
+    cx1 = np.clip(np.floor(np.asarray(x1) * scale).astype(int), 0, w)
+    cy1 = np.clip(np.floor(np.asarray(y1) * scale).astype(int), 0, h)
+    cx2 = np.clip(np.ceil(np.asarray(x2) * scale).astype(int), 0, w)
+    cy2 = np.clip(np.ceil(np.asarray(y2) * scale).astype(int), 0, h)
+    return (table[cy2, cx2] - table[cy1, cx2] - table[cy2, cx1] + table[cy1, cx1]) > 0.5
+
+
+def _subject_centre(maps: _Maps, size: tuple[int, int], subject: np.ndarray) -> tuple[float, float]:
+    """Centre of visual weight in image px: the subject map where it knows something, else saliency."""
+    weight = subject if subject.max() > 0.05 else maps.saliency_map
+    if weight.shape != maps.luminance.shape:
+        weight = saliency.resize_map(weight, (maps.luminance.shape[1], maps.luminance.shape[0]))
+    total = weight.sum()
+    if total <= 0:
+        return size[0] / 2, size[1] / 2
+    ys, xs = np.mgrid[0 : weight.shape[0], 0 : weight.shape[1]]
+    sx, sy = size[0] / weight.shape[1], size[1] / weight.shape[0]
+    return float(((weight * (xs + 0.5)).sum() / total) * sx), float(((weight * (ys + 0.5)).sum() / total) * sy)
+
+
+def _centre_prior(size: tuple[int, int]) -> np.ndarray:
+    width, height = size
+    x = (np.arange(width) + 0.5) / width - 0.5
+    y = (np.arange(height) + 0.5) / height - 0.5
+    return CENTRE_PRIOR * np.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * CENTRE_SIGMA**2))
+
+
+def _align_for(cx: float, width: int) -> str:
+    # Flush towards the nearer edge, as a designer sets copy in a corner; centred in the middle.
+    if cx < width / 3:
+        return "left"
+    if cx > 2 * width / 3:
+        return "right"
+    return "center"
+
+
+class _Search:
+    def __init__(self, img: Image.Image, detections: Sequence[Detection], faces: Sequence[saliency.Face]):
+        self.img = img
+        self.size = img.size
+        self.detections = list(detections)
+        self.faces = list(faces)
+        boxes = [(d.box, saliency.PRODUCT_WEIGHT if d.is_product else saliency.OBJECT_WEIGHT) for d in detections]
+        thumb = min(1.0, ANALYSIS_MAX_SIDE / max(self.size))
+        known = saliency.subject_map(self.size, self.faces, boxes, scale=thumb)
+        self.known = known
+        self.maps = _Maps(img, np.maximum(known, _centre_prior((known.shape[1], known.shape[0]))))
+        self.cscale = min(1.0, CONSTRAINT_MAX_SIDE / max(self.size))
+        self.forbidden = _forbidden(self.size, self.detections, self.faces, self.cscale)
+        self.face_table = _face_mask(self.size, self.faces, self.cscale)
+        self.subject_centre = _subject_centre(self.maps, self.size, known)
+        self.sizes = font_sizes(self.size)
+
+    def _grid(self, lo: int, hi: int) -> np.ndarray:
+        if hi < lo:
+            return np.zeros(0, dtype=int)
+        step = max(2, (max(self.size) - 2 * margin(self.size)) // GRID_STEPS)
+        values = np.arange(lo, hi + 1, step)
+        return np.unique(np.append(values, hi)).astype(int)
+
+    def candidates(self, text: str) -> list[Candidate]:
+        """Every block inside the margins that passes the hard constraints, with its pre-score."""
+        width, height = self.size
+        m = margin(self.size)
+        image_area = width * height
+        found: list[Candidate] = []
+        cx0, cy0 = width / 2, height / 2
+        half_diag = math.hypot(width, height) / 2
+        largest = self.sizes[0]
+        for font_size in self.sizes:
+            for layout in layouts(text, font_size, width - 2 * m, height - 2 * m):
+                bw, bh = layout.size
+                if bw * bh > MAX_BLOCK_SHARE * image_area:
+                    continue
+                xs, ys = self._grid(m, width - m - bw), self._grid(m, height - m - bh)
+                if xs.size == 0 or ys.size == 0:
+                    continue
+                X, Y = np.meshgrid(xs, ys)
+                X2, Y2 = X + bw, Y + bh
+                ok = ~_table_hits(self.forbidden, self.cscale, X, Y, X2, Y2)
+                if not ok.any():
+                    continue
+                X, Y, X2, Y2 = X[ok], Y[ok], X2[ok], Y2[ok]
+                c = self.maps.cells(X, Y, X2, Y2)
+                sal = _box_means(self.maps.saliency, *c)
+                subj = _box_means(self.maps.subject, *c)
+                busy = _box_means(self.maps.edges, *c)
+                salient = _box_means(self.maps.salient, *c)
+                tx, ty = (X + X2) / 2, (Y + Y2) / 2
+                mid_x, mid_y = (tx + self.subject_centre[0]) / 2, (ty + self.subject_centre[1]) / 2
+                balance = 1.0 - np.minimum(1.0, np.hypot(mid_x - cx0, mid_y - cy0) / (half_diag / 2))
+                size_term = font_size / largest
+                share = bw * bh / image_area
+                pre = (
+                    1.0
+                    - WEIGHTS["saliency"] * sal
+                    - WEIGHTS["subject"] * subj
+                    - WEIGHTS["busyness"] * busy
+                    + WEIGHTS["size"] * size_term
+                    + WEIGHTS["balance"] * balance
+                    - WEIGHTS["block_share"] * share
+                    - WEIGHTS["salient_share"] * salient
+                    - WEIGHTS["extra_lines"] * max(0, len(layout.lines) - 2)
+                )
+                # Keep a handful per layout: the contrast pass below measures the best few overall.
+                for i in np.argsort(-pre)[:12]:
+                    box = (int(X[i]), int(Y[i]), int(X2[i]), int(Y2[i]))
+                    found.append(
+                        Candidate(
+                            box,
+                            layout,
+                            _align_for(tx[i], width),
+                            "search",
+                            float(pre[i]),
+                            {
+                                "saliency": float(sal[i]),
+                                "subject": float(subj[i]),
+                                "busyness": float(busy[i]),
+                                "size": size_term,
+                                "balance": float(balance[i]),
+                                "block_share": share,
+                                "salient_share": float(salient[i]),
+                            },
+                        )
+                    )
+        return found
+
+    def bands(self, text: str) -> list[Candidate]:
+        """Full-width bands at the top and bottom edges that hold the text and cover no face.
+
+        A band covers part of the subject by nature, so its score weighs how much of the subject
+        map's weight it covers against the size of the type.
+        """
+        width, height = self.size
+        m = margin(self.size)
+        out: list[Candidate] = []
+        largest = self.sizes[0]
+        known = self.known
+        total = float(known.sum())
+        for font_size in self.sizes:
+            pad = textlayout.padding(font_size)
+            for layout in layouts(text, font_size, width - 2 * m, height):
+                bh = layout.size[1] + 2 * pad  # the backing reaches past the text to the edge
+                if width * bh > MAX_BLOCK_SHARE * width * height:
+                    continue
+                for region, y1 in (("band_top", 0), ("band_bottom", height - bh)):
+                    box = (0, y1, width, y1 + bh)
+                    if _table_hits(self.face_table, self.cscale, *box):
+                        continue
+                    c = self.maps.cells(*box)
+                    subj = float(_box_means(self.maps.subject, *c))
+                    ky1, ky2 = int(c[1]), int(c[3])
+                    covered = float(known[ky1:ky2].sum()) / total if total > 0 else bh / height
+                    size_term = font_size / largest
+                    score = (
+                        1.0
+                        - 2.0 * covered
+                        + WEIGHTS["size"] * size_term
+                        - WEIGHTS["extra_lines"] * max(0, len(layout.lines) - 2)
+                    )
+                    out.append(
+                        Candidate(
+                            box,
+                            Layout(font_size, layout.lines, (width, bh)),
+                            "center",
+                            region,
+                            score,
+                            {"saliency": 0.0, "subject": subj, "subject_covered": covered, "busyness": 0.0,
+                             "size": size_term, "balance": 0.0},
+                        )
+                    )
+        return out
+
+
+def _pick_colour(maps: _Maps, cell) -> tuple[tuple[int, int, int], float]:
+    x1, y1, x2, y2 = (int(v) for v in cell)
     background = maps.luminance[y1:y2, x1:x2]
     palette = [(c, imaging.worst_contrast(c, background)) for c in maps.palette]
     strong = [pc for pc in palette if pc[1] >= PALETTE_MIN_CONTRAST]
@@ -184,63 +393,139 @@ def _pick_colour(maps: _Maps, cell: tuple[int, int, int, int]) -> tuple[tuple[in
     return max(mono, key=lambda pc: pc[1])
 
 
-def _propose(fit: Fit, maps: _Maps, detections: Sequence[Detection], largest: int) -> dict:
-    cell = maps.cell(fit.box)
-    colour, contrast = _pick_colour(maps, cell)
-    object_overlap, product_overlap = _overlaps(fit.box, detections)
-    scores = {
-        "object_overlap": object_overlap,
-        "product_overlap": product_overlap,
-        "saliency": saliency.box_mean(maps.saliency, cell),
-        "busyness": saliency.box_mean(maps.edges, cell),
-        "contrast": contrast,
-        "size": fit.font_size / largest,
-    }
-    score = (
-        1.0
-        - WEIGHTS["object_overlap"] * scores["object_overlap"]
-        - WEIGHTS["saliency"] * scores["saliency"]
-        - WEIGHTS["busyness"] * scores["busyness"]
-        + WEIGHTS["contrast"] * min(contrast, CONTRAST_CAP) / CONTRAST_CAP
-        + WEIGHTS["size"] * scores["size"]
-    )
-    return {
-        "region": fit.region.name,
-        "box": list(fit.box),
-        "align": fit.region.halign,
-        "font_size": fit.font_size,
-        "color": imaging.rgb_to_hex(colour),
-        "lines": fit.lines,
-        "scores": {k: round(float(v), 4) for k, v in scores.items()},
-        "score": round(float(score), 4),
-    }
+def _overlaps(box: Sequence[int], detections: Sequence[Detection]) -> tuple[float, float]:
+    """(largest share of any object covered, of the product covered), each in [0, 1]."""
+    worst = product = 0.0
+    for det in detections:
+        inter = intersection(box, det.box)
+        if inter is None or area(det.box) <= 0:
+            continue
+        share = min(1.0, area(inter) / area(det.box))
+        worst = max(worst, share)
+        if det.is_product:
+            product = max(product, share)
+    return worst, product
 
 
-def plan(img: Image.Image, copy: str, detections: Sequence[Detection]) -> list[dict]:
-    """All proposals for the cleaned copy, in candidate order, ids p0, p1, ..."""
-    size = img.size
-    fits = [f for f in (_fit(copy, region, size) for region in REGIONS) if f is not None]
-    if not fits:
-        fallback = _fit(copy, FALLBACK_REGION, size)
-        if fallback is None:
-            smallest, _ = _font_bounds(size[1])
-            raise PermanentStageError(
-                f"ad copy too long for the image: {len(copy)} characters do not fit at the minimum "
-                f"legible font size of {smallest} px ({MIN_FONT_RATIO:.0%} of the image height) in a "
-                f"{size[0]}x{size[1]} image",
-                {"characters": len(copy), "min_font_size": smallest, "image_size": list(size)},
-            )
-        fits = [fallback]
-    unique: dict[tuple, Fit] = {}
-    for fit in fits:  # regions that end up with the same box and size are one proposal
-        unique.setdefault((fit.box, fit.font_size, fit.region.halign), fit)
-    fits = list(unique.values())
-    maps = _Maps(img)
-    _, largest = _font_bounds(size[1])
-    proposals = [_propose(fit, maps, detections, largest) for fit in fits]
-    for i, proposal in enumerate(proposals):
-        proposal["proposal_id"] = f"p{i}"
+def _iou(a: Sequence[int], b: Sequence[int]) -> float:
+    inter = intersection(a, b)
+    if inter is None:
+        return 0.0
+    i = area(inter)
+    return i / (area(a) + area(b) - i)
+
+
+def _finalise(search: _Search, found: list[Candidate], backing: bool) -> list[dict]:
+    """Measures contrast on the best pre-scored candidates; returns distinct proposals, best first."""
+    shortlist = sorted(found, key=lambda c: -c.prescore)[:CONTRAST_SHORTLIST]
+    scored = []
+    for cand in shortlist:
+        cell = search.maps.cells(*cand.box)
+        colour, contrast = _pick_colour(search.maps, cell)
+        if backing:
+            # The backing is what the text sits on: black or white, whichever the text reads best on.
+            colour, contrast = WHITE, 21.0
+        object_overlap, product_overlap = _overlaps(cand.box, search.detections)
+        score = cand.prescore + WEIGHTS["contrast"] * min(contrast, CONTRAST_CAP) / CONTRAST_CAP
+        scored.append((score, cand, colour, contrast, object_overlap, product_overlap))
+    scored.sort(key=lambda s: -s[0])
+    proposals: list[dict] = []
+    for score, cand, colour, contrast, object_overlap, product_overlap in scored:
+        if any(_iou(cand.box, p["box"]) > DISTINCT_IOU for p in proposals):
+            continue
+        proposals.append(
+            {
+                "region": cand.region,
+                "box": list(cand.box),
+                "align": cand.align,
+                "font_size": cand.layout.font_size,
+                "color": imaging.rgb_to_hex(colour),
+                "lines": list(cand.layout.lines),
+                "backing": backing,
+                "css_px": round(legibility.css_px(cand.layout.font_size, search.size), 2),
+                "block_share": round(area(cand.box) / (search.size[0] * search.size[1]), 4),
+                "scores": {
+                    "object_overlap": round(object_overlap, 4),
+                    "product_overlap": round(product_overlap, 4),
+                    "contrast": round(float(contrast), 4),
+                    **{k: round(float(v), 4) for k, v in cand.terms.items()},
+                },
+                "score": round(float(score), 4),
+            }
+        )
+        if len(proposals) >= PROPOSALS:
+            break
     return proposals
+
+
+def headlines(text: str) -> list[str]:
+    """Shorter heads of the copy to try on the image, longest first: sentence, clause, word runs."""
+    out: list[str] = []
+
+    def add(candidate: str) -> None:
+        candidate = candidate.strip()
+        if candidate and candidate != text and candidate not in out:
+            out.append(candidate)
+
+    sentences = [s for s in _SENTENCE_END.split(text) if s.strip()]
+    if len(sentences) > 1:
+        add(sentences[0])
+    first = sentences[0] if sentences else text
+    clauses = [c for c in _CLAUSE_END.split(first) if c and c.strip()]
+    if len(clauses) > 1:
+        add(clauses[0])
+    out = [h for h in out if len(h) <= MAX_HEADLINE_CHARS]
+    words = (clauses[0] if clauses else first).split()
+    n = len(words)
+    while n > 1:
+        n = max(1, int(n * 0.66)) if n > 3 else n - 1
+        add(" ".join(words[:n]))
+    return out
+
+
+def _caption_rest(text: str, head: str) -> str:
+    return text[len(head) :].strip() if text.startswith(head) else text
+
+
+def plan(img: Image.Image, copy: str, detections: Sequence[Detection], faces: Sequence[saliency.Face] | None = None) -> dict:
+    """The placement search and its fallback ladder; returns the proposals and how they were found."""
+    faces = saliency.find_faces(img) if faces is None else list(faces)
+    search = _Search(img, detections, faces)
+    attempts: list[str] = []
+
+    found = search.candidates(copy)
+    if found:
+        return {"proposals": _finalise(search, found, False), "fallback": "", "image_text": copy,
+                "caption_text": "", "search": search}
+    attempts.append(f"the whole copy fits no block clear of objects, faces and persons at >= {search.sizes[-1]} px")
+
+    for head in headlines(copy):
+        found = search.candidates(head)
+        if found:
+            return {"proposals": _finalise(search, found, False), "fallback": "headline", "image_text": head,
+                    "caption_text": _caption_rest(copy, head), "search": search}
+    attempts.append("no headline of the copy fits such a block either")
+
+    for text in [copy, *headlines(copy)]:
+        bands = search.bands(text)
+        if bands:
+            fallback = "band" if text == copy else "headline+band"
+            return {"proposals": _finalise(search, bands, True), "fallback": fallback, "image_text": text,
+                    "caption_text": "" if text == copy else _caption_rest(copy, text), "search": search}
+    attempts.append("no full-width band at the top or bottom edge holds even one word without covering a face")
+    width, height = img.size
+    raise PermanentStageError(
+        f"no place for the ad copy on this {width}x{height} image: " + "; ".join(attempts),
+        {
+            "characters": len(copy),
+            "min_font_size": search.sizes[-1],
+            "min_css_px": legibility.MIN_CSS_PX,
+            "max_block_share": MAX_BLOCK_SHARE,
+            "image_size": [width, height],
+            "faces": [[round(v, 1) for v in f.box] for f in faces],
+            "detections": len(detections),
+        },
+    )
 
 
 def choose(proposals: Sequence[dict]) -> dict:
@@ -252,22 +537,41 @@ def choose(proposals: Sequence[dict]) -> dict:
 
 def run(inp: StageInput) -> StageOutput:
     img = imaging.load_image(inp.image)
-    copy, dropped = fonts.clean_text_report(inp.ad_copy)
+    # Hashtags and emoji are the caption's (textlayout.image_text); the rest is drawn.
+    drawn, caption_only = textlayout.image_text(inp.ad_copy)
+    copy, dropped = fonts.clean_text_report(drawn)
     if not copy:
         raise PermanentStageError(
-            "ad copy is empty after cleaning (nothing renderable is left)",
-            {"dropped": dropped[:50]},
+            "ad copy is empty after cleaning: nothing can be drawn on the image (hashtags and emoji go to "
+            "the caption only; characters the font cannot render are dropped)",
+            {"dropped": dropped[:50], "caption_only": caption_only[:50]},
         )
     detections = read_detections(inp.results.get("yolo_detect"), img.size)
-    proposals = plan(img, copy, detections)
+    found = plan(img, copy, detections)
+    proposals = found["proposals"]
+    for i, proposal in enumerate(proposals):
+        proposal["proposal_id"] = f"p{i}"
     chosen = choose(proposals)
+    search = found["search"]
     return StageOutput(
         result={
-            "text": copy,
+            "text": found["image_text"],
+            "copy": copy,
+            "image_text": found["image_text"],
+            "caption_text": found["caption_text"],
+            "fallback": found["fallback"],
             "dropped_characters": "".join(dropped),
+            "caption_only": caption_only,
             "lines": chosen["lines"],
             "image_size": list(img.size),
             "font": os.path.basename(fonts.font_path()),
+            "min_font_size": search.sizes[-1],
+            "faces": [
+                {"box": [round(v, 1) for v in f.box], "score": round(f.score, 3),
+                 "person": [round(v, 1) for v in f.person]}
+                for f in search.faces
+            ],
+            "face_detector": saliency.face_detector_name(),
             "proposals": proposals,
             "proposal_id": chosen["proposal_id"],
             "scoring": SCORING_RULE,

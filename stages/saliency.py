@@ -1,10 +1,15 @@
 """Where an image draws the eye and where it is busy: maps the planner and the evaluators score with.
 
 All maps are plain 2-D float arrays; box statistics go through summed-area tables so scoring many
-candidate boxes costs one pass over the image.
+candidate boxes costs one pass over the image. Faces come from dlib's HOG frontal-face detector
+(the model is compiled into the library, so it loads offline) and rate as the most important thing
+in the picture, with the person each face belongs to, whether or not an object detector ran.
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -114,3 +119,108 @@ def box_mean(table: np.ndarray, box: tuple[int, int, int, int]) -> float:
         return 0.0
     total = table[y2, x2] - table[y1, x2] - table[y2, x1] + table[y1, x1]
     return float(total / area)
+
+
+# --- faces and people ------------------------------------------------------------------------------
+
+FACE_WORK_SIDE = 1024  # faces are searched on a copy this long at most: HOG cost grows with pixels
+FACE_UPSAMPLE = 1  # one pyramid step up: finds faces down to ~40 px on the work copy
+FACE_MIN_SCORE = 0.0  # dlib's SVM margin: below 0 most hits in busy street scenes are not faces
+# A person under a detected face, in face widths / heights: shoulders span about three face widths
+# and a standing body about seven face heights. Generous on purpose: a guess that covers a little
+# background costs a placement option, a guess that misses a shoulder puts text on the person.
+PERSON_HALF_WIDTH = 1.6
+PERSON_ABOVE = 0.6  # hair and hats above the detected face box
+PERSON_BELOW = 6.5
+FACE_WEIGHT = 1.0  # importance of a face in the subject map
+PERSON_WEIGHT = 0.8
+OBJECT_WEIGHT = 0.6
+PRODUCT_WEIGHT = 1.0
+
+
+@dataclass(frozen=True)
+class Face:
+    box: tuple[float, float, float, float]  # in the image's pixels
+    score: float
+    person: tuple[float, float, float, float]  # the estimated person the face belongs to
+
+
+@functools.lru_cache(maxsize=1)
+def _face_detector():
+    try:
+        import dlib  # the dlib-bin wheel: prebuilt, its HOG face model needs no download
+    except ImportError:
+        return None
+    return dlib.get_frontal_face_detector()
+
+
+def face_detector_name() -> str:
+    """What finds faces here, for results and logs ("none" where dlib is not installed)."""
+    return "dlib HOG frontal face" if _face_detector() is not None else "none"
+
+
+def _clip(box, width: int, height: int) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = box
+    return (max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2))
+
+
+def person_from_face(face_box, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = face_box
+    fw, fh = x2 - x1, y2 - y1
+    cx = (x1 + x2) / 2
+    return _clip(
+        (cx - PERSON_HALF_WIDTH * fw, y1 - PERSON_ABOVE * fh, cx + PERSON_HALF_WIDTH * fw, y2 + PERSON_BELOW * fh),
+        *size,
+    )
+
+
+def find_faces(img: Image.Image) -> list[Face]:
+    """Frontal faces (and the persons under them), strongest first; [] where no detector is installed."""
+    detector = _face_detector()
+    if detector is None:
+        return []
+    scale = min(1.0, FACE_WORK_SIDE / max(img.size))
+    work = img if scale >= 1.0 else img.resize(
+        (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR
+    )
+    grey = np.ascontiguousarray(np.asarray(work.convert("L"), dtype=np.uint8))
+    rects, scores, _ = detector.run(grey, FACE_UPSAMPLE, FACE_MIN_SCORE)
+    faces = []
+    for rect, score in zip(rects, scores, strict=True):
+        box = _clip(
+            (rect.left() / scale, rect.top() / scale, (rect.right() + 1) / scale, (rect.bottom() + 1) / scale),
+            *img.size,
+        )
+        if box[2] > box[0] and box[3] > box[1]:
+            faces.append(Face(box, float(score), person_from_face(box, img.size)))
+    return sorted(faces, key=lambda f: -f.score)
+
+
+def subject_map(
+    size: tuple[int, int],
+    faces: list[Face],
+    boxes: list[tuple[tuple[float, float, float, float], float]],
+    scale: float = 1.0,
+) -> np.ndarray:
+    """Importance in [0, 1]: faces 1.0, their persons and the given (box, weight) pairs at their
+    weights, softened so the area right around a subject also counts.
+
+    Boxes are in the image's pixels (`size`, w x h); the map is computed `scale` times smaller
+    (a thumbnail is enough for box means, and blurring a full photograph would cost seconds).
+    """
+    width, height = max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+    out = np.zeros((height, width), dtype=np.float64)
+
+    def paint(box, weight: float) -> None:
+        x1, y1, x2, y2 = _clip(box, *size)
+        x1, y1 = int(np.floor(x1 * scale)), int(np.floor(y1 * scale))
+        x2, y2 = int(np.ceil(x2 * scale)), int(np.ceil(y2 * scale))
+        if x2 > x1 and y2 > y1:
+            out[y1:y2, x1:x2] = np.maximum(out[y1:y2, x1:x2], weight)
+
+    for box, weight in boxes:
+        paint(box, weight)
+    for face in faces:
+        paint(face.person, PERSON_WEIGHT)
+        paint(face.box, FACE_WEIGHT)
+    return np.clip(gaussian_blur(out, sigma=max(1.0, 0.03 * max(width, height))), 0.0, 1.0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import fonts, imaging, overlay, saliency
+from stages import fonts, imaging, overlay, saliency, textlayout
 from stages.contract import PermanentStageError
 from tests.stages.conftest import PRODUCT_BOX, SCENE_SIZE, encode, make_input, scene, yolo_result
 
@@ -132,3 +132,36 @@ def test_planned_overlay_keeps_off_the_product(render_pipeline):
     for tb in results["overlay"]["text_boxes"]:
         x1, y1, x2, y2 = tb["box"]
         assert x2 <= PRODUCT_BOX[0] or x1 >= PRODUCT_BOX[2] or y2 <= PRODUCT_BOX[1] or y1 >= PRODUCT_BOX[3]
+
+
+def test_a_backing_is_laid_at_least_at_backing_opacity_even_on_a_calm_background():
+    band = proposal(box=[0, 0, 800, 120], color="#ffffff", backing=True, lines=["SUMMER SALE"])
+    res = run_overlay(Image.new("RGB", SCENE_SIZE, (30, 30, 40)), band).result
+    assert res["backing"] is True and res["scrim"] is True
+    assert res["scrim_alpha"] >= overlay.BACKING_MIN_ALPHA and res["scrim_box"] == [0, 0, 800, 120]
+    assert res["legible"] is True
+
+
+def test_the_scrim_is_the_least_opacity_at_which_every_line_passes():
+    rng = np.random.default_rng(7)
+    img = Image.fromarray(rng.integers(0, 255, (SCENE_SIZE[1], SCENE_SIZE[0], 3), dtype=np.uint8))
+    res = run_overlay(img, proposal(color="#ffffff")).result
+    alpha = res["scrim_alpha"]
+    assert res["legible"] is True and alpha < 1.0
+    # One step less opaque and some line fails the shared measure.
+    weaker = round(alpha - 0.05, 2)
+    assert weaker in overlay.SCRIM_ALPHA_STEPS or weaker < overlay.SCRIM_ALPHA_STEPS[0]
+    if weaker >= overlay.SCRIM_ALPHA_STEPS[0]:
+        font = fonts.load_font(48)
+        box = (100, 50, 700, 200)
+        placed = textlayout.place_lines(["SUMMER SALE", "50% OFF"], font, box, "center")
+        ink = [textlayout.ink_box(p.text, font, p.origin) for p in placed]
+        scrimmed = imaging.blend_box(img.crop(box), (0, 0, 600, 150), (0, 0, 0), weaker)
+        rows = overlay._measure(scrimmed, box, box, placed, ink, font, (255, 255, 255), SCENE_SIZE, True)
+        assert not all(r["passed"] for r in rows)
+
+
+def test_text_below_the_size_floor_gets_no_pretend_fix():
+    # 20 px on an 800 px wide image is 9.4 CSS px on a phone: no scrim makes that legible.
+    res = run_overlay(Image.new("RGB", SCENE_SIZE, "white"), proposal(font_size=20, box=[100, 50, 400, 120])).result
+    assert res["legible"] is False and res["scrim_alpha"] == 1.0

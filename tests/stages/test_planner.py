@@ -1,11 +1,35 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from stages import fonts, imaging, planner, saliency, textlayout
+from stages import fonts, imaging, legibility, planner, saliency, textlayout
 from stages.boxes import intersection
 from stages.contract import PermanentStageError
 from tests.stages.conftest import PRODUCT_BOX, SCENE_SIZE, encode, make_input, scene, yolo_result
+
+LONG_COPY = (
+    "Meet the lemon water that tastes like the first warm day of the year. Sparkling, bright and "
+    "made with real fruit, no sugar and nothing artificial. Chill a can, pour it over ice with a "
+    "slice of lemon and share it with friends on the terrace. Order before Friday and get free "
+    "delivery anywhere in the city, every day of the week."
+)
+
+
+def grace_face() -> Image.Image:
+    """A real face (matplotlib's sample photograph of Grace Hopper): HOG detectors are trained on
+    photographs, so a drawing would test the drawing, not the detector."""
+    matplotlib = pytest.importorskip("matplotlib")
+    path = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
+    if not path.is_file():
+        pytest.skip("matplotlib ships no grace_hopper.jpg here")
+    return Image.open(path).convert("RGB").crop((150, 110, 390, 350))
+
+
+def needs_face_detector():
+    if saliency.face_detector_name() == "none":
+        pytest.skip("no face detector installed (dlib-bin)")
 
 
 def plan(copy, img=None, yolo=None):
@@ -26,39 +50,77 @@ def inside(box, size):
 
 def test_result_shape_and_chosen_proposal():
     result = plan("SUMMER SALE 50% OFF")
-    assert result["text"] == "SUMMER SALE 50% OFF"
+    assert result["text"] == result["image_text"] == "SUMMER SALE 50% OFF"
+    assert result["fallback"] == "" and result["caption_text"] == ""
     ids = [p["proposal_id"] for p in result["proposals"]]
-    assert ids == [f"p{i}" for i in range(len(ids))] and len(ids) >= 5
+    assert ids == [f"p{i}" for i in range(len(ids))] and len(ids) >= 3
     best = chosen(result)
     assert result["lines"] == best["lines"]
-    assert best["score"] == max(
-        p["score"] for p in result["proposals"] if p["scores"]["product_overlap"] == 0
-    )
-    assert set(best["scores"]) >= {"object_overlap", "saliency", "busyness", "contrast"}
+    assert best["score"] == max(p["score"] for p in result["proposals"])
+    assert set(best["scores"]) >= {"object_overlap", "product_overlap", "saliency", "busyness", "contrast"}
     assert "score =" in result["scoring"]
+    assert result["min_font_size"] == legibility.min_font_px(SCENE_SIZE)
 
 
-@pytest.mark.parametrize("product_box", [PRODUCT_BOX, (40, 30, 760, 200), (40, 400, 760, 570)])
-def test_planner_avoids_the_planted_product(product_box):
+def test_proposals_are_distinct_placements():
+    props = plan("SUMMER SALE 50% OFF")["proposals"]
+    for i, a in enumerate(props):
+        for b in props[i + 1 :]:
+            assert planner._iou(a["box"], b["box"]) <= planner.DISTINCT_IOU
+
+
+@pytest.mark.parametrize("product_box", [PRODUCT_BOX, (40, 30, 760, 200), (40, 400, 760, 570), (0, 0, 500, 600)])
+def test_no_proposal_touches_the_planted_product(product_box):
     result = plan("SUMMER SALE 50% OFF", scene(product_box), yolo_result([product_box]))
-    assert intersection(chosen(result)["box"], product_box) is None
-    covering = [p for p in result["proposals"] if intersection(p["box"], product_box)]
-    assert covering, "the grid should include proposals over the product"
-    assert all(p["scores"]["object_overlap"] > 0 for p in covering)
+    assert result["fallback"] == ""
+    for p in result["proposals"]:
+        assert intersection(p["box"], product_box) is None
+        assert p["scores"]["object_overlap"] == 0 and p["scores"]["product_overlap"] == 0
 
 
 def test_other_objects_are_avoided_too():
     person = (40, 30, 760, 200)
     result = plan("SUMMER SALE", scene(), yolo_result([PRODUCT_BOX, person]))
-    box = chosen(result)["box"]
-    assert intersection(box, PRODUCT_BOX) is None and intersection(box, person) is None
+    for p in result["proposals"]:
+        assert intersection(p["box"], PRODUCT_BOX) is None and intersection(p["box"], person) is None
 
 
 def test_detections_in_other_pixel_units_are_scaled():
     half = yolo_result([[v / 2 for v in PRODUCT_BOX]], size=(400, 300))
     result = plan("SUMMER SALE", scene(), half)
-    covering = [p for p in result["proposals"] if intersection(p["box"], PRODUCT_BOX)]
-    assert all(p["scores"]["product_overlap"] > 0 for p in covering)
+    assert all(intersection(p["box"], PRODUCT_BOX) is None for p in result["proposals"])
+
+
+def test_a_planted_face_and_its_person_are_never_covered_without_any_detector():
+    needs_face_detector()
+    img = Image.new("RGB", SCENE_SIZE, (232, 232, 226))
+    img.paste(grace_face(), (500, 60))  # face about (530, 100)-(720, 290)
+    result = plan("SUMMER SALE 50% OFF", img, yolo_result([], product_index=None))
+    assert len(result["faces"]) == 1
+    face, person = result["faces"][0]["box"], result["faces"][0]["person"]
+    assert 500 <= face[0] < face[2] <= 740 and 60 <= face[1] < face[3] <= 300
+    assert person[3] == SCENE_SIZE[1]  # the body below the face reaches the bottom of the frame
+    for p in result["proposals"]:
+        assert intersection(p["box"], face) is None and intersection(p["box"], person) is None
+    assert chosen(result)["box"][2] <= person[0]  # the copy goes on the free side
+
+
+def test_the_block_stays_inside_the_safe_margins_and_under_a_quarter_of_the_image():
+    for p in plan("Fresh summer styles for the whole family, free delivery")["proposals"]:
+        m = planner.margin(SCENE_SIZE)
+        x1, y1, x2, y2 = p["box"]
+        assert x1 >= m and y1 >= m and x2 <= SCENE_SIZE[0] - m and y2 <= SCENE_SIZE[1] - m
+        assert (x2 - x1) * (y2 - y1) <= planner.MAX_BLOCK_SHARE * SCENE_SIZE[0] * SCENE_SIZE[1]
+        assert p["css_px"] >= legibility.MIN_CSS_PX
+
+
+def test_font_floor_is_14_css_px_on_a_375_px_phone():
+    assert legibility.min_font_px((1080, 1080)) == 41  # 14 * 1080 / 375 = 40.3
+    assert legibility.min_font_px((800, 1000)) == 30  # scaled x1.35 into the 1080-wide post
+    # Taller than 4:5: the post is 1350 high and the image shown 1012 px wide, so the floor rises.
+    assert legibility.min_font_px((810, 1080)) == 33
+    sizes = planner.font_sizes((800, 1000))
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 30 and sizes[0] == 120
 
 
 def test_text_colour_follows_the_background():
@@ -88,23 +150,96 @@ def test_busy_half_is_avoided():
     result = plan("CALM HERE", img, yolo_result([], product_index=None))
     best = chosen(result)
     assert best["box"][3] <= 300
-    bottom = [p for p in result["proposals"] if p["box"][1] >= 300]
-    assert bottom and all(p["scores"]["busyness"] > best["scores"]["busyness"] for p in bottom)
+    assert best["scores"]["busyness"] < 0.05
+    # The same block moved onto the texture would have scored far busier.
+    maps = planner._Search(img, [], []).maps
+    x1, y1, x2, y2 = best["box"]
+    below = maps.cells(x1, 600 - 24 - (y2 - y1), x2, 600 - 24)
+    assert float(planner._box_means(maps.edges, *below)) > best["scores"]["busyness"] + 0.3
 
 
 def test_long_copy_wraps_and_stays_inside_the_image():
-    copy = (
-        "Fresh summer styles for the whole family, now with free delivery on every order over fifty dollars"
-    )
+    copy = "Fresh summer styles for the whole family, now with free delivery on every order over fifty dollars"
     result = plan(copy)
-    assert len(result["lines"]) > 1
+    assert len(result["lines"]) > 1 and result["fallback"] == ""
     for p in result["proposals"]:
         assert inside(p["box"], SCENE_SIZE)
         font = fonts.load_font(p["font_size"])
         inner = p["box"][2] - p["box"][0] - 2 * textlayout.padding(p["font_size"])
         assert all(font.getlength(line) <= inner for line in p["lines"])
         assert " ".join(p["lines"]) == copy
-        assert p["font_size"] >= round(SCENE_SIZE[1] * planner.MIN_FONT_RATIO)
+        assert p["font_size"] >= legibility.min_font_px(SCENE_SIZE)
+        assert len(p["lines"]) <= planner.MAX_LINES
+
+
+# --- the fallback ladder ---------------------------------------------------------------------------
+
+
+def test_rung_1_smaller_type_when_the_large_sizes_do_not_fit():
+    # Only a strip at the top is free: the copy fits there at a small size, never below the floor.
+    product = (0, 150, 800, 600)
+    copy = "Fresh summer styles for the whole family"
+    result = plan(copy, scene(product), yolo_result([product]))
+    best = chosen(result)
+    assert result["fallback"] == "" and best["box"][3] <= product[1]
+    assert legibility.min_font_px(SCENE_SIZE) <= best["font_size"] < planner.font_sizes(SCENE_SIZE)[0]
+
+
+def test_rung_2_headline_on_the_image_and_the_rest_in_the_caption():
+    result = plan(LONG_COPY)
+    assert result["fallback"] == "headline"
+    assert result["image_text"] == "Meet the lemon water that tastes like the first warm day of the year."
+    assert result["text"] == result["image_text"] == " ".join(result["lines"])
+    assert f"{result['image_text']} {result['caption_text']}" == result["copy"] == LONG_COPY
+    for p in result["proposals"]:
+        assert intersection(p["box"], PRODUCT_BOX) is None
+
+
+def test_a_copy_too_long_for_any_block_never_fails_the_variant():
+    copy = " ".join(["SALE"] * 600)
+    result = plan(copy, Image.new("RGB", (200, 200), "white"), yolo_result([], product_index=None))
+    assert result["fallback"] == "headline"
+    assert result["caption_text"] and f"{result['image_text']} {result['caption_text']}" == copy
+    assert chosen(result)["css_px"] >= legibility.MIN_CSS_PX
+
+
+def test_rung_3_full_width_band_with_a_backing_at_an_edge():
+    # A product filling all but slivers at the edges: no block fits beside it, a band does.
+    product = (0, 30, 800, 570)
+    result = plan("SUMMER SALE", scene(product), yolo_result([product]))
+    assert result["fallback"] == "band"
+    best = chosen(result)
+    x1, y1, x2, y2 = best["box"]
+    assert (x1, x2) == (0, SCENE_SIZE[0]) and (y1 == 0 or y2 == SCENE_SIZE[1])
+    assert best["backing"] is True and best["region"] in ("band_top", "band_bottom")
+
+
+def test_band_never_covers_a_face_and_says_why_when_nothing_is_left():
+    img = Image.new("RGB", SCENE_SIZE, (200, 200, 200))
+    everywhere = saliency.Face((0.0, 0.0, 800.0, 600.0), 1.0, (0.0, 0.0, 800.0, 600.0))
+    with pytest.raises(PermanentStageError, match="no place for the ad copy") as err:
+        planner.plan(img, "SUMMER SALE", [], faces=[everywhere])
+    assert "covering a face" in str(err.value) and err.value.details["faces"] == [[0.0, 0.0, 800.0, 600.0]]
+    # A face across the middle leaves the top edge: the band goes there, above the face.
+    middle = saliency.Face((250.0, 200.0, 550.0, 560.0), 1.0, (0.0, 30.0, 800.0, 600.0))
+    found = planner.plan(img, "SUMMER SALE", [], faces=[middle])
+    assert found["fallback"] == "band" and found["proposals"][0]["box"][1] == 0
+    assert found["proposals"][0]["box"][3] <= 200 - planner.FACE_CLEARANCE * 360
+
+
+def test_run_reports_the_ladder_failure_per_variant(monkeypatch):
+    everywhere = saliency.Face((0.0, 0.0, 800.0, 600.0), 1.0, (0.0, 0.0, 800.0, 600.0))
+    monkeypatch.setattr(saliency, "find_faces", lambda img: [everywhere])
+    with pytest.raises(PermanentStageError, match="no place for the ad copy on this 800x600 image"):
+        plan("SUMMER SALE", yolo=yolo_result([], product_index=None))
+
+
+def test_headlines_are_sentence_then_clause_then_words():
+    heads = planner.headlines("Big sale today, everything must go. Come early!")
+    assert heads[0] == "Big sale today, everything must go."
+    assert heads[1] == "Big sale today,"
+    assert heads[-1] == "Big"
+    assert all(len(h) <= planner.MAX_HEADLINE_CHARS for h in heads)
 
 
 def test_korean_without_spaces_wraps_between_characters():
@@ -112,19 +247,6 @@ def test_korean_without_spaces_wraps_between_characters():
     result = plan(copy)
     assert len(result["lines"]) > 1
     assert "".join(result["lines"]) == copy
-
-
-def test_copy_too_long_for_the_image_is_refused_with_a_reason():
-    copy = " ".join(["SALE"] * 600)
-    with pytest.raises(PermanentStageError, match=rf"ad copy too long for the image: {len(copy)} characters"):
-        plan(copy, Image.new("RGB", (200, 200), "white"), yolo_result([], product_index=None))
-
-
-def test_copy_that_only_fits_the_whole_image_uses_it():
-    copy = "BIG SUMMER SALE ON EVERYTHING TODAY ONLY " * 10
-    result = plan(copy, Image.new("RGB", (320, 320), "white"), yolo_result([], product_index=None))
-    assert [p["region"] for p in result["proposals"]] == ["full"]
-    assert inside(chosen(result)["box"], (320, 320))
 
 
 @pytest.mark.parametrize("copy", ["", "   \n\t ", "🔥🔥🎉", "\x07\x1b"])
@@ -141,7 +263,7 @@ def test_nul_in_copy_is_refused():
 def test_emoji_and_control_characters_are_removed_from_the_copy():
     result = plan("SUMMER 🔥 SALE\x07\r\n50% OFF ☀️")
     assert result["text"] == "SUMMER SALE 50% OFF"
-    assert "🔥" in result["dropped_characters"]
+    assert "🔥" in result["caption_only"]  # emoji are the caption's (textlayout.apply_emoji_policy)
     assert all("🔥" not in line for p in result["proposals"] for line in p["lines"])
 
 
@@ -187,3 +309,15 @@ def test_wrap_breaks_overlong_words_and_refuses_impossible_widths():
     assert all(font.getlength(line) <= 150 for line in lines)
     assert "".join(lines).replace(" ", "").replace("-", "") == "ASUPERCALIFRAGILISTICdeal"
     assert textlayout.wrap_text("WIDE", font, 5) is None
+
+
+def test_hashtags_and_emoji_stay_off_the_image():
+    result = plan("Fresh lemonade 🍋 for summer #Lemon #Summer")
+    drawn = " ".join(result["lines"])
+    assert "#" not in drawn and "🍋" not in drawn and "Lemon" not in drawn.split()
+    assert {"#Lemon", "#Summer", "🍋"} <= set(result["caption_only"])
+
+
+def test_a_copy_of_only_hashtags_is_refused_clearly():
+    with pytest.raises(PermanentStageError, match="hashtags and emoji go to the caption"):
+        plan("#sale #summer")
