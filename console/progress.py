@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator, TextIO
 import psycopg
 from psycopg import Connection
 
+from console.exitcodes import ExitCode, job_outcome
 from outbox import db
 from outbox.jobs import job_detail
 from outbox.watch import JobWatch
@@ -125,10 +126,13 @@ class JobProgress:
         """Takes everything a job_detail read knows (the first snapshot, and the final read for
         exact durations)."""
         self.job_status, self.job_step = detail["status"], detail["current_step"]
+        # The job's state by the database's rule (outbox_job_state), as of this read.
+        self.state = detail.get("state", "open")
         for v in detail["variants"]:
             track = self.variants.get(v["variant_id"])
             if track:
                 track.status, track.current = v["status"], v["current_step"]
+        self.failed_variants = sum(1 for v in detail["variants"] if v["status"] == "failed")
         for t in detail["tasks"]:
             track = self.variants.get(t["variant_id"]) if t["variant_id"] else self.job
             if track is None or t["stage"] not in track.states:
@@ -209,10 +213,14 @@ class JobProgress:
 
     @property
     def final_status(self) -> str:
-        if self.job_status in ("failed", "cancelled"):
-            return self.job_status
-        final = self.job_stages[-1] if self.job_stages else None
-        return "done" if (self.job_step, self.job_status) == (final, "done") else self.job_status
+        """open, done, failed or cancelled, as of the last job_detail read (follow_job makes one
+        when the job finishes)."""
+        return self.state
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """What a command that followed this job exits with (console/exitcodes.py)."""
+        return job_outcome(self.final_status, self.failed_variants)
 
 
 # --- rendering --------------------------------------------------------------------------------------
@@ -246,7 +254,9 @@ def job_summary(progress: JobProgress) -> str:
 def final_words(progress: JobProgress, elapsed: float) -> str:
     status = progress.final_status
     if status == "done":
-        return f"job {progress.job_id} done in {format_seconds(elapsed)}"
+        failed = (f", but {progress.failed_variants} of {len(progress.variants)} variant(s) failed"
+                  if progress.failed_variants else "")
+        return f"job {progress.job_id} done in {format_seconds(elapsed)}{failed}"
     return f"job {progress.job_id} {status.upper()} (at {progress.job_step}) after {format_seconds(elapsed)}"
 
 
@@ -350,7 +360,7 @@ class RichRenderer:
         self.console.print(table)
         self.console.print(job_summary(progress).replace("FAILED", "[red]FAILED[/]"))
         words = final_words(progress, elapsed)
-        self.console.print(f"[bold green]✓ {words}[/]" if progress.final_status == "done" else f"[bold red]✗ {words}[/]")
+        self.console.print(f"[bold green]✓ {words}[/]" if progress.exit_code == ExitCode.OK else f"[bold red]✗ {words}[/]")
 
     def close(self) -> None:
         self.progress.stop()
@@ -401,7 +411,7 @@ def make_renderer(out: TextIO | None = None, plain: bool | None = None):
 
 def follow_job(conn: Connection, job_id: str, renderer=None, lookup_error: ErrorLookup | None = None,
                connect: Callable[[], Connection] | None = None, reconnect_timeout_s: float | None = None,
-               notice: Callable[[str], None] | None = None) -> JobProgress:
+               notice: Callable[[str], None] | None = None, wait_s: float | None = None) -> JobProgress:
     """Shows the job's progress until it is finished; returns the final state.
 
     `conn` is held by LISTEN for the whole time; `lookup_error` (own connection) reads a failed
@@ -411,9 +421,11 @@ def follow_job(conn: Connection, job_id: str, renderer=None, lookup_error: Error
     the same database as `conn`), for up to `reconnect_timeout_s` (default WATCH_RECONNECT_TIMEOUT,
     90 s), after which db.DatabaseUnavailable is raised (the CLI: exit 4). `notice` gets the line
     saying so (default: stderr). After a reconnect `conn` is no longer the connection in use: it
-    was lost, and the watch closes the one it opened when it ends."""
+    was lost, and the watch closes the one it opened when it ends.
+
+    `wait_s`: outbox.watch.WatchTimeout when the job is still open after that many seconds."""
     started = time.monotonic()
-    watch = JobWatch(conn, job_id, connect=connect, timeout_s=reconnect_timeout_s, notice=notice)
+    watch = JobWatch(conn, job_id, connect=connect, timeout_s=reconnect_timeout_s, notice=notice, wait_s=wait_s)
     renderer = renderer or make_renderer()
     events = watch.events()
     try:

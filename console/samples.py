@@ -24,7 +24,8 @@ def _vertical_gradient(size: tuple[int, int], top: tuple[int, int, int], bottom:
     width, height = size
     t = np.linspace(0.0, 1.0, height)[:, None, None]
     rows = (1 - t) * np.asarray(top, dtype=np.float64) + t * np.asarray(bottom, dtype=np.float64)
-    return Image.fromarray(np.repeat(rows, width, axis=1).astype(np.uint8), "RGB")
+    # No mode argument: uint8 HxWx3 is RGB, and passing it was deprecated in Pillow 11.3.
+    return Image.fromarray(np.repeat(rows, width, axis=1).astype(np.uint8))
 
 
 def _shade(colour: tuple[int, int, int], width: int, height: int) -> Image.Image:
@@ -33,7 +34,7 @@ def _shade(colour: tuple[int, int, int], width: int, height: int) -> Image.Image
     light = 0.62 + 0.45 * np.cos(np.clip(x + 0.35, -1.5, 1.5) * np.pi / 2.4)
     light = np.clip(light, 0.45, 1.12)[None, :, None]
     body = np.clip(np.asarray(colour, dtype=np.float64)[None, None, :] * light, 0, 255)
-    return Image.fromarray(np.repeat(body, height, axis=0).astype(np.uint8), "RGB")
+    return Image.fromarray(np.repeat(body, height, axis=0).astype(np.uint8))
 
 
 def _shadow(canvas: Image.Image, box: tuple[int, int, int, int], strength: int = 90) -> None:

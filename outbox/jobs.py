@@ -150,25 +150,36 @@ def image_source(path: Path) -> Path:
 
 
 def job_detail(conn: Connection, job_id: str) -> dict:
+    """The job row, its variants and its tasks in pipeline order. `state` (the job's and each
+    variant's) is the database's rule (migration 0004): a variant is done only at its last stage,
+    a job only at its last job stage; `status` and `current_step` are the rows' own columns."""
     job_id = validate_uuid(job_id, "job id")
-    job = conn.execute("SELECT job_id::text, tenant_id, status, current_step, created_at, updated_at, "
+    job = conn.execute("SELECT job_id::text, tenant_id, status, current_step, "
+                       "outbox_job_state(status, current_step) AS state, created_at, updated_at, "
                        "expected_variants, variants_closed_at FROM jobs WHERE job_id = %s", (job_id,)).fetchone()
     if job is None:
         raise NotFound(f"no job {job_id}")
     job["variants"] = conn.execute(
-        "SELECT job_variants_id::text AS variant_id, creation_order, status, current_step, selected, updated_at "
+        "SELECT job_variants_id::text AS variant_id, creation_order, status, current_step, "
+        "outbox_variant_state(status, current_step) AS state, selected, updated_at "
         "FROM jobs_variants WHERE job_id = %s ORDER BY creation_order", (job_id,)).fetchall()
     job["tasks"] = conn.execute(
-        "SELECT t.id, t.job_variants_id::text AS variant_id, t.stage, t.status, t.attempts, t.max_attempts, "
-        "t.last_error, t.created_at, t.started_at, t.finished_at, t.run_after "
+        "SELECT t.id, t.job_variants_id::text AS variant_id, v.creation_order, t.stage, t.status, t.attempts, "
+        "t.max_attempts, t.last_error, t.error_details, t.lease_owner, t.lease_expires_at, t.created_at, "
+        "t.started_at, t.finished_at, t.run_after "
         "FROM stage_tasks t JOIN stage_graph g ON g.stage = t.stage "
-        "WHERE t.job_id = %s ORDER BY g.position, t.job_variants_id", (job_id,)).fetchall()
+        "LEFT JOIN jobs_variants v ON v.job_variants_id = t.job_variants_id "
+        "WHERE t.job_id = %s ORDER BY g.position, v.creation_order NULLS FIRST", (job_id,)).fetchall()
     return job
 
 
 def overview(conn: Connection, failures: int = 20) -> dict:
-    jobs = conn.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status ORDER BY status").fetchall()
-    variants = conn.execute("SELECT status, count(*) AS n FROM jobs_variants GROUP BY status ORDER BY status").fetchall()
+    # Counted by their true state (migration 0004): a variant that has not started, or waits
+    # between two stages, is queued, not done.
+    jobs = conn.execute("SELECT outbox_job_state(status, current_step) AS status, count(*) AS n FROM jobs "
+                        "GROUP BY 1 ORDER BY 1").fetchall()
+    variants = conn.execute("SELECT outbox_variant_state(status, current_step) AS status, count(*) AS n "
+                            "FROM jobs_variants GROUP BY 1 ORDER BY 1").fetchall()
     stages = conn.execute("""
         SELECT g.stage, g.level, g.device,
                count(t.id) FILTER (WHERE t.status = 'queued') AS queued,

@@ -19,6 +19,13 @@ NEXT_DEADLINE = "SELECT outbox_next_deadline(%s, %s) AS seconds"
 HEARTBEAT = "SELECT outbox_heartbeat(%s, %s, %s) AS id"
 HAND_BACK = "SELECT outbox_hand_back(%s, %s) AS id"
 GRAPH = "SELECT stage, level, after_step, device, max_attempts, timeout_s FROM stage_graph ORDER BY position"
+# A worker's two writes to the workers table (migration 0004), at start and at stop: nothing in
+# between, so an idle worker stays silent; whether it is alive is read from pg_stat_activity.
+REGISTER_WORKER = """
+INSERT INTO workers (id, host, pid, stages, lease_s) VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (id) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, stages = EXCLUDED.stages,
+    lease_s = EXCLUDED.lease_s, started_at = now(), stopped_at = NULL"""
+DEREGISTER_WORKER = "UPDATE workers SET stopped_at = now() WHERE id = %s"
 
 
 INPUT_COLUMNS = ("ad_copy", "img_asset_id", "asset_uri", "asset_tenant", "results", "variants")
@@ -76,7 +83,8 @@ def load_graph(conn: Connection) -> list[dict]:
 
 
 def replay_failed(conn: Connection, job_id: str | None = None, stage: str | None = None,
-                  since: datetime | None = None, dry_run: bool = False, task_id: int | None = None) -> list[dict]:
+                  since: datetime | None = None, dry_run: bool = False, task_id: int | None = None,
+                  tenant: str | None = None) -> list[dict]:
     """Puts failed tasks back in the queue with their attempts reset; their variant (or job) goes
     back to (stage, queued), and a job that failed at its fan-in (every variant failed) to running,
     so that the fan-in fires when the replayed variant finishes. A job that failed in a job stage
@@ -90,9 +98,10 @@ def replay_failed(conn: Connection, job_id: str | None = None, stage: str | None
           AND (%(stage)s::text IS NULL OR t.stage = %(stage)s::text)
           AND (%(since)s::timestamptz IS NULL OR t.finished_at >= %(since)s::timestamptz)
           AND (%(task)s::bigint IS NULL OR t.id = %(task)s::bigint)
+          AND (%(tenant)s::text IS NULL OR j.tenant_id = %(tenant)s::text)
         ORDER BY t.id
     """
-    params = {"job": job_id, "stage": stage, "since": since, "task": task_id}
+    params = {"job": job_id, "stage": stage, "since": since, "task": task_id, "tenant": tenant}
     if dry_run:
         return conn.execute(select, params).fetchall()
     with conn.transaction():

@@ -12,12 +12,18 @@ from outbox.artifacts import ArtifactStore
 FINISHED_JOBS = """
 SELECT j.job_id FROM jobs j
 WHERE j.updated_at < now() - %(age)s
-  AND (j.status = 'cancelled'
-       OR (j.status = 'failed' AND %(include_failed)s)
-       OR (j.status = 'done' AND j.current_step = (SELECT outbox_last_job_stage())))
+  AND outbox_job_state(j.status, j.current_step) = ANY (%(states)s)
 ORDER BY j.updated_at
 LIMIT %(batch)s
 FOR UPDATE SKIP LOCKED
+"""
+# Workers that stopped (or went quiet) before the cut-off and hold nothing: the rows `workers
+# list` would show as stopped or dead for ever otherwise.
+GONE_WORKERS = """
+SELECT w.id FROM workers w
+WHERE coalesce(w.stopped_at, w.started_at) < now() - %(age)s
+  AND NOT outbox_worker_alive(w.id)
+  AND NOT EXISTS (SELECT 1 FROM stage_tasks t WHERE t.status = 'running' AND t.lease_owner = w.id)
 """
 JOB_ARTIFACT_KEYS = """
 SELECT a.value AS key FROM stage_results r, jsonb_each_text(coalesce(r.result->'artifacts', '{}'::jsonb)) a
@@ -47,6 +53,7 @@ class PruneReport:
     assets: int = 0
     artifacts: int = 0
     orphans: int = 0
+    workers: int = 0
     batches: int = 0
     job_ids: list[str] = field(default_factory=list)
 
@@ -57,10 +64,11 @@ def prune(conn: Connection, store: ArtifactStore, older_than: timedelta, batch: 
     jobs older than `older_than`, with their variants, inputs, tasks, results, job-only image
     assets and artifacts, `batch` jobs per transaction so workers are never blocked for long.
     Then removes orphan artifacts older than `orphan_grace` (younger ones may belong to a
-    completion still in flight)."""
+    completion still in flight), and the rows of workers gone before `older_than`."""
     report = PruneReport()
     # A dry run deletes nothing, so it cannot page by deleting: it lists everything in one pass.
-    params = {"age": older_than, "include_failed": include_failed, "batch": None if dry_run else batch}
+    states = ["done", "cancelled", "failed"] if include_failed else ["done", "cancelled"]
+    params = {"age": older_than, "states": states, "batch": None if dry_run else batch}
     while True:
         with conn.transaction():
             jobs = [r["job_id"] for r in conn.execute(FINISHED_JOBS, params).fetchall()]
@@ -86,6 +94,10 @@ def prune(conn: Connection, store: ArtifactStore, older_than: timedelta, batch: 
             for key in keys:
                 store.delete(key)
     report.orphans = sweep_orphans(conn, store, orphan_grace, batch, dry_run)
+    gone = [r["id"] for r in conn.execute(GONE_WORKERS, {"age": older_than}).fetchall()]
+    if gone and not dry_run:
+        conn.execute("DELETE FROM workers WHERE id = ANY (%s)", (gone,))
+    report.workers = len(gone)
     return report
 
 

@@ -1,8 +1,8 @@
 """The tables as SQLAlchemy Core objects: what the migrations must build (a test compares them
 with a migrated database) and what Python code may query with."""
-from sqlalchemy import (BigInteger, Boolean, CheckConstraint, Column, DateTime, ForeignKey, Identity,
+from sqlalchemy import (BigInteger, Boolean, CheckConstraint, Column, DateTime, Float, ForeignKey, Identity,
                         Index, Integer, LargeBinary, MetaData, String, Table, Text, UniqueConstraint, text)
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
 metadata = MetaData()
 
@@ -51,6 +51,7 @@ jobs = Table(
     Index("jobs_status_idx", "status"),
     Index("jobs_current_step_idx", "current_step"),
     Index("jobs_updated_at_idx", "updated_at"),
+    Index("jobs_created_at_idx", "created_at"),  # newest first, for the listings (migration 0004)
 )
 
 job_inputs = Table(
@@ -146,4 +147,18 @@ artifacts = Table(
     Column("byte_size", BigInteger, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now()),
     Index("artifacts_created_at_idx", "created_at"),
+)
+
+# Worker processes, written at start and at stop only (migration 0004): whether one is alive is
+# read from pg_stat_activity (its connections' application_name is its id), not from this table.
+workers = Table(
+    "workers", metadata,
+    Column("id", Text, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("stages", ARRAY(Text), nullable=False),
+    Column("lease_s", Float(53), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=_now()),
+    Column("stopped_at", DateTime(timezone=True)),
+    CheckConstraint("lease_s > 0"),
 )

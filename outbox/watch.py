@@ -19,7 +19,11 @@ from outbox.config import RECONNECT_MAX_S
 from outbox.errors import describe_error
 from outbox.jobs import job_detail
 from outbox.queue import JOB_CHANNEL, VARIANT_CHANNEL
+from outbox.views import is_finished, job_state, unclaimed_stages
 
+# The statuses that end a job whatever its step. Kept for callers that still import it; the whole
+# rule ("is this job finished") is outbox_job_state in SQL (migration 0004), read through
+# outbox.views.job_state.
 FINAL_STATUSES = {"failed", "cancelled"}
 
 # How long a watcher (`cli.py watch`, `submit --wait`) keeps trying to get its connection back
@@ -39,13 +43,8 @@ def reconnect_timeout() -> float:
     return config.env_float("WATCH_RECONNECT_TIMEOUT", WATCH_RECONNECT_TIMEOUT_S)
 
 
-def final_job_stage(conn: Connection) -> str:
-    """The job stage after which a job is finished (the rule lives in SQL, migration 0003)."""
-    return conn.execute("SELECT outbox_last_job_stage() AS stage").fetchone()["stage"]
-
-
-def job_finished(job: dict, final_stage: str) -> bool:
-    return job["status"] in FINAL_STATUSES or (job["status"] == "done" and job["current_step"] == final_stage)
+class WatchTimeout(Exception):
+    """The job was still open when the watch's time ran out (`watch --timeout`)."""
 
 
 def same_database(conn: Connection) -> Callable[[], Connection]:
@@ -76,12 +75,18 @@ class JobWatch:
     Connection loss: one line on stderr ("connection to the database lost (...); reconnecting"),
     then attempts with the worker's backoff (first JOB_STATE_LISTENER_RECONNECT_DELAY s, doubling,
     at most RECONNECT_MAX_S). If none succeeds within `timeout_s` (WATCH_RECONNECT_TIMEOUT, default
-    90 s) it raises db.DatabaseUnavailable, which the CLI turns into exit 4 with its message."""
+    90 s) it raises db.DatabaseUnavailable, which the CLI turns into exit 4 with its message.
+
+    `wait_s`: give up with WatchTimeout when the job is still open that many seconds after the
+    start (None: wait as long as it takes). The watch also says once, through `notice`, when a
+    stage the job waits on is claimed by no live worker (outbox.views.unclaimed_stages): checked
+    with the first read and when the job or a variant reaches a state not seen before, never while
+    nothing changes."""
 
     def __init__(self, conn: Connection, job_id: str, connect: Callable[[], Connection] | None = None,
                  timeout_s: float | None = None, first_delay_s: float | None = None,
                  max_delay_s: float = RECONNECT_MAX_S, notice: Callable[[str], None] | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, wait_s: float | None = None):
         self.conn = conn
         self.job_id = job_id
         self.connect = connect or same_database(conn)
@@ -93,8 +98,11 @@ class JobWatch:
         self.where = f"{conn.info.host}:{conn.info.port}/{conn.info.dbname}"
         self.reconnects = 0
         self._own: Connection | None = None  # a connection we opened (closed by close())
-        self._final_stage: str | None = None
         self._snapshot_sent = False
+        self.deadline = None if wait_s is None else time.monotonic() + wait_s
+        self.wait_s = wait_s
+        self._seen_states: set[tuple] = set()  # (channel, step, status) already checked for workers
+        self._unclaimed_told: set[str] = set()  # stages already named as having no live worker
 
     # ------------------------------------------------------------------ following
     def events(self) -> Iterator[dict]:
@@ -112,24 +120,55 @@ class JobWatch:
 
     def _follow(self, kind: str) -> Iterator[dict]:
         """LISTEN, then read, then the notifications: LISTEN comes before the read, so no change
-        between the two is missed (on the first connection and after every reconnect)."""
+        between the two is missed (on the first connection and after every reconnect).
+
+        Notifications are taken a batch at a time (psycopg holds the connection for as long as
+        its notifies() generator runs), so that the job's state can be asked of the database
+        between two batches; what arrives meanwhile waits in psycopg's backlog."""
         conn = self.conn
-        if self._final_stage is None:
-            self._final_stage = final_job_stage(conn)
         conn.execute(f"LISTEN {VARIANT_CHANNEL}")
         conn.execute(f"LISTEN {JOB_CHANNEL}")
         job = job_detail(conn, self.job_id)
+        finished = is_finished(job["state"])
+        # Asked before the snapshot goes out and told after it: no statement runs once the
+        # caller has shown the job, until something changes.
+        unclaimed = [] if finished else self._new_unclaimed(conn)
         self._snapshot_sent = True
         yield {"channel": kind, "payload": job}
-        if job_finished(job, self._final_stage):
+        self._tell_unclaimed(unclaimed)
+        if finished:
             return
-        for note in conn.notifies():
-            payload = json.loads(note.payload)
-            if payload.get("job_id") != job["job_id"]:
-                continue
-            yield {"channel": note.channel, "payload": payload}
-            if note.channel == JOB_CHANNEL and job_finished(payload, self._final_stage):
-                return
+        while True:
+            batch = list(conn.notifies(timeout=self._time_left(), stop_after=1))
+            if not batch or self._time_left() == 0.0:
+                raise WatchTimeout(f"job {self.job_id} still open after {self.wait_s:g} s (--timeout): "
+                                   "not cancelled; `cli.py status` shows where it is")
+            for note in batch:
+                payload = json.loads(note.payload)
+                if payload.get("job_id") != job["job_id"]:
+                    continue
+                yield {"channel": note.channel, "payload": payload}
+                if note.channel == JOB_CHANNEL and is_finished(
+                        job_state(conn, payload.get("status"), payload.get("current_step"))):
+                    return
+                key = (note.channel, payload.get("current_step"), payload.get("status"))
+                if key not in self._seen_states:
+                    self._seen_states.add(key)
+                    self._tell_unclaimed(self._new_unclaimed(conn))
+
+    def _time_left(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def _new_unclaimed(self, conn: Connection) -> list[str]:
+        return [s for s in unclaimed_stages(conn, self.job_id) if s not in self._unclaimed_told]
+
+    def _tell_unclaimed(self, stages: list[str]) -> None:
+        if not stages:
+            return
+        self._unclaimed_told.update(stages)
+        names = ", ".join(stages)
+        self.notice(f"no live worker claims {names}, which job {self.job_id} waits on: it waits until one starts "
+                    f"(`cli.py workers start --stages {','.join(stages)}`; `cli.py workers list` shows who runs)")
 
     def read(self, fn: Callable[[Connection], object]):
         while True:

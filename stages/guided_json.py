@@ -6,16 +6,22 @@ the text a prefix of compact JSON matching a small schema, and allows end-of-seq
 object is complete. The same schema then validates the parsed answer, so guidance is a help, never
 a substitute for checking.
 
+The masks come from llguidance (Microsoft's structured-generation engine, the one behind
+transformers' and vLLM's guided decoding): the schema below is turned into a standard JSON Schema
+and llguidance computes each step's allowed tokens lazily over a token trie, in Rust, for all rows
+of a batch in parallel. bench/guided_decoding.py compares it with xgrammar, outlines-core and the
+automaton this module used to hold (docs/benchmarks.md, "Constrained decoding").
+
 The schema language covers what the VLM prompts need: objects with fixed, ordered, required fields;
 arrays with item-count bounds; strings with a length bound (no escapes: the answers never need
-them, and forbidding them keeps the automaton small); string enums; booleans; bounded integers.
-Output is compact (no whitespace), which keeps the automaton deterministic between values.
+them, and without them a character is a character of output, which keeps max_chars a true bound);
+string enums; booleans; bounded integers. Output is compact (no whitespace).
 """
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -27,8 +33,8 @@ class SchemaError(ValueError):
     """The text is not JSON, or is JSON that does not match the schema."""
 
 
-# Nodes compare by identity (eq=False): the automaton hashes states made of them at every step, and
-# a structural hash of the whole schema there would cost more than the step itself.
+# Nodes compare by identity (eq=False): compiled guides are cached per schema object, and a
+# structural hash of a whole schema on every lookup would buy nothing.
 @dataclass(frozen=True, eq=False)
 class Str:
     max_len: int
@@ -69,7 +75,8 @@ def _check_literal(text: str) -> None:
 
 
 def check_schema(node: Any) -> None:
-    """Rejects schemas the automaton cannot decide without lookahead."""
+    """Rejects schemas that guided decoding could not produce (with escapes off, a key or enum value
+    holding a quote cannot be written) or whose bounds are empty."""
     if isinstance(node, Object):
         if not node.fields:
             raise ValueError("an object needs at least one field")
@@ -87,8 +94,8 @@ def check_schema(node: Any) -> None:
         if len(set(quoted)) != len(quoted):
             raise ValueError("enum values must be distinct")
     elif isinstance(node, Int):
-        if not 0 <= node.lo <= node.hi:
-            raise ValueError("integer bounds need 0 <= lo <= hi")
+        if not node.lo <= node.hi:
+            raise ValueError("integer bounds need lo <= hi")
     elif isinstance(node, Str):
         if not 0 <= node.min_len <= node.max_len:
             raise ValueError("string bounds need 0 <= min_len <= max_len")
@@ -105,7 +112,7 @@ def max_chars(node: Any) -> int:
     if isinstance(node, Bool):
         return 5
     if isinstance(node, Int):
-        return len(str(node.hi))
+        return max(len(str(node.lo)), len(str(node.hi)))
     if isinstance(node, Array):
         return 2 + node.max_items * max_chars(node.item) + max(0, node.max_items - 1)
     if isinstance(node, Object):
@@ -177,277 +184,186 @@ def parse_strict(text: str, node: Any) -> dict[str, Any]:
     return value
 
 
-# --- the character automaton ----------------------------------------------------------------------
-# A state is an immutable stack of frames (a tuple of tuples); the empty stack means "complete".
-_LIT, _OBJ, _ARR_OPEN, _ARR, _STR, _ENUM, _INT = range(7)
-_DIGITS = frozenset("0123456789")
-
-
-def _push_value(stack: tuple, node: Any) -> tuple:
-    if isinstance(node, Object):
-        return stack + ((_OBJ, node, 0, False), (_LIT, '{"' + node.fields[0][0] + '":', 0))
-    if isinstance(node, Array):
-        return stack + ((_ARR_OPEN, node), (_LIT, "[", 0))
+def json_schema(node: Any) -> dict[str, Any]:
+    """The node as a standard JSON Schema (what the guidance library compiles)."""
     if isinstance(node, Str):
-        return stack + ((_STR, node, 0), (_LIT, '"', 0))
+        return {"type": "string", "minLength": node.min_len, "maxLength": node.max_len}
     if isinstance(node, Enum):
-        return stack + ((_ENUM, tuple(f'"{v}"' for v in node.values), ""),)
+        return {"enum": list(node.values)}
     if isinstance(node, Bool):
-        return stack + ((_ENUM, ("true", "false"), ""),)
+        return {"type": "boolean"}
     if isinstance(node, Int):
-        return stack + ((_INT, node, ""),)
+        return {"type": "integer", "minimum": node.lo, "maximum": node.hi}
+    if isinstance(node, Array):
+        return {"type": "array", "items": json_schema(node.item), "minItems": node.min_items, "maxItems": node.max_items}
+    if isinstance(node, Object):
+        return {
+            "type": "object",
+            "properties": {k: json_schema(v) for k, v in node.fields},
+            "required": [k for k, _ in node.fields],
+            "additionalProperties": False,
+        }
     raise TypeError(f"not a schema node: {node!r}")
 
 
-def _settle(stack: tuple) -> tuple:
-    """Applies the moves that consume no character (a finished literal, an object's next field)."""
-    while stack:
-        top = stack[-1]
-        if top[0] == _LIT and top[2] == len(top[1]):
-            stack = stack[:-1]
-        elif top[0] == _OBJ:
-            _, node, i, started = top
-            if not started:
-                stack = _push_value(stack[:-1] + ((_OBJ, node, i, True),), node.fields[i][1])
-            elif i + 1 < len(node.fields):
-                stack = stack[:-1] + ((_OBJ, node, i + 1, False), (_LIT, ',"' + node.fields[i + 1][0] + '":', 0))
-            else:
-                stack = stack[:-1] + ((_LIT, "}", 0),)
-        else:
-            break
-    return stack
+# Compact output (no whitespace anywhere) and no string escapes: what the prompts show, and what
+# max_chars counts.
+_COMPILE_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":",
+                    "json_allowed_escapes": ""}
 
 
-@lru_cache(maxsize=4096)
-def _int_prefix_ok(lo: int, hi: int, digits: str) -> bool:
-    if len(digits) > 1 and digits[0] == "0":
-        return False
-    return any(str(v).startswith(digits) for v in range(lo, hi + 1))
+# --- guides for a tokenizer -----------------------------------------------------------------------
 
+class GuideTokenizer:
+    """A model's tokenizer as llguidance sees it, built once per loaded model (about a second for a
+    150k vocabulary): its token bytes over the logits' full width (models pad their output layer
+    past the tokenizer), the end-of-sequence ids, and which tokens are whole characters.
 
-def step(stack: tuple, ch: str) -> tuple | None:
-    """The state after one more character, or None when the character breaks the schema."""
-    if not stack:
-        return None
-    top = stack[-1]
-    kind = top[0]
-    if kind == _LIT:
-        _, text, pos = top
-        if text[pos] != ch:
-            return None
-        return _settle(stack[:-1] + ((_LIT, text, pos + 1),))
-    if kind == _STR:
-        _, node, length = top
-        if ch == '"':
-            return _settle(stack[:-1]) if length >= node.min_len else None
-        if ch == "\\" or ch < " " or length >= node.max_len:
-            return None
-        return stack[:-1] + ((_STR, node, length + 1),)
-    if kind == _ARR_OPEN:
-        node = top[1]
-        if ch == "]":
-            return _settle(stack[:-1]) if node.min_items == 0 else None
-        if node.max_items == 0:
-            return None
-        return step(_push_value(stack[:-1] + ((_ARR, node, 1),), node.item), ch)
-    if kind == _ARR:
-        _, node, count = top
-        if ch == "," and count < node.max_items:
-            return _push_value(stack[:-1] + ((_ARR, node, count + 1),), node.item)
-        if ch == "]" and count >= node.min_items:
-            return _settle(stack[:-1])
-        return None
-    if kind == _ENUM:
-        _, values, prefix = top
-        candidate = prefix + ch
-        if candidate in values:  # check_schema guarantees no value is a prefix of another
-            return _settle(stack[:-1])
-        if any(v.startswith(candidate) for v in values):
-            return stack[:-1] + ((_ENUM, values, candidate),)
-        return None
-    if kind == _INT:
-        _, node, digits = top
-        if ch in _DIGITS:
-            candidate = digits + ch
-            return stack[:-1] + ((_INT, node, candidate),) if _int_prefix_ok(node.lo, node.hi, candidate) else None
-        # A number ends at the first non-digit, which then belongs to the enclosing value.
-        if digits and node.lo <= int(digits) <= node.hi:
-            return step(_settle(stack[:-1]), ch)
-        return None
-    raise AssertionError(f"unknown frame {top!r}")
-
-
-def initial_state(node: Any) -> tuple:
-    check_schema(node)
-    return _settle(_push_value((), node))
-
-
-def feed(stack: tuple | None, text: str) -> tuple | None:
-    for ch in text:
-        if stack is None:
-            return None
-        stack = step(stack, ch)
-    return stack
-
-
-def is_valid_prefix(text: str, node: Any) -> bool:
-    return feed(initial_state(node), text) is not None
-
-
-# --- from characters to tokens ---------------------------------------------------------------------
-_PROBE = tuple(chr(c) for c in range(0x20, 0x7F))  # every character a non-string state can accept
-_NEVER = np.iinfo(np.int32).max
-
-
-def token_texts(tokenizer) -> list[str | None]:
-    """Each token id's text as it reads in the middle of an answer; None for tokens never allowed.
-
-    Decoding a token alone loses what depends on context (SentencePiece drops the leading space of a
-    first token), so each token is decoded after an anchor token and the anchor's text removed.
-    Special tokens and byte pieces of a split character (decoded as U+FFFD) are never allowed: the
-    answer is plain JSON text.
+    Byte-fallback tokens (a fragment of a multi-byte character) are never let through: with them a
+    token could add less than a character, and max_chars would stop being a token budget that
+    guided decoding cannot overrun. Every character stays reachable through whole tokens.
     """
-    size = len(tokenizer)
-    special = set(tokenizer.all_special_ids)
-    special.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
-    anchor_text = tokenizer.decode([anchor], clean_up_tokenization_spaces=False)
-    pairs = tokenizer.batch_decode(
-        [[anchor, i] for i in range(size)], clean_up_tokenization_spaces=False, skip_special_tokens=False
-    )
-    texts: list[str | None] = []
-    for i, pair in enumerate(pairs):
-        if i in special:
-            texts.append(None)
-            continue
-        text = pair[len(anchor_text):] if pair.startswith(anchor_text) else tokenizer.decode([i])
-        texts.append(text if text and "\ufffd" not in text else None)
-    return texts
+
+    def __init__(self, tokenizer: Any, width: int, eos_ids: Sequence[int]):
+        import llguidance
+        import llguidance.hf
+
+        eos = sorted(set(int(i) for i in eos_ids))
+        if not eos:
+            raise ValueError("guided decoding needs an end-of-sequence token id")
+        try:
+            self.ll = llguidance.hf.from_tokenizer(tokenizer, n_vocab=width, eos_token=eos)
+        except ValueError as exc:  # a slow (pure Python) tokenizer: llguidance reads the Rust one
+            raise ValueError(f"guided JSON needs a fast tokenizer ({type(tokenizer).__name__} is not): {exc}; "
+                             "VLM_GUIDED_JSON=0 turns guidance off") from exc
+        self.width = width
+        self.eos_ids = eos
+        whole = np.ones(width, dtype=bool)
+        for i in range(width):
+            piece = self.ll.decode_bytes([i])
+            if piece:
+                try:
+                    piece.decode("utf-8")
+                except UnicodeDecodeError:
+                    whole[i] = False
+        self.whole_chars = _pack(whole)
+        only_eos = np.zeros(width, dtype=bool)
+        only_eos[eos] = True
+        self.only_eos = _pack(only_eos)
+
+
+def _pack(allowed: np.ndarray) -> np.ndarray:
+    """A boolean row as llguidance's bitmask: 32 tokens per int32, lowest bit first."""
+    padded = np.zeros(-(-allowed.size // 32) * 32, dtype=bool)
+    padded[: allowed.size] = allowed
+    return np.packbits(padded.reshape(-1, 32), axis=1, bitorder="little").view(np.int32).ravel()
 
 
 class JsonGuide:
-    """Which token ids may come next in a given automaton state, for one tokenizer and one schema.
+    """One schema compiled for one GuideTokenizer; makes a fresh matcher per generated row."""
 
-    Inside a string most of the vocabulary is allowed, so that case is a vectorised comparison
-    (token length against the characters left) plus the few tokens that close the string; every
-    other state allows few tokens, found by folding the tokens that start with an acceptable
-    character and cached per state, so a warm guide costs a dictionary lookup per row and step.
-    """
+    def __init__(self, tokenizer: GuideTokenizer, schema: Any, device: Any = "cpu"):
+        import llguidance
 
-    def __init__(self, texts: Sequence[str | None], schema: Any, eos_ids: Sequence[int], device: Any = "cpu"):
+        check_schema(schema)
         self.schema = schema
-        self.initial = initial_state(schema)
-        self.texts = list(texts)
-        self.vocab_size = len(self.texts)
+        self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=self.device)
-        if self.eos_ids.numel() == 0:
-            raise ValueError("guided decoding needs an end-of-sequence token id")
-        plain_len = np.full(self.vocab_size, _NEVER, dtype=np.int32)
-        self._closers: list[tuple[int, int, str]] = []  # (id, chars before the quote, text after it)
-        self._by_first: dict[str, list[tuple[int, str]]] = {}
-        for i, text in enumerate(self.texts):
-            if not text:
-                continue
-            self._by_first.setdefault(text[0], []).append((i, text))
-            cut = next((j for j, ch in enumerate(text) if ch in '"\\' or ch < " "), None)
-            if cut is None:
-                plain_len[i] = len(text)
-            elif text[cut] == '"':
-                self._closers.append((i, cut, text[cut + 1:]))
-        self._plain_len = torch.from_numpy(plain_len).to(self.device)
-        self._state_ids: dict[tuple, torch.Tensor] = {}
-        self._closer_ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.grammar = llguidance.LLMatcher.grammar_from_json_schema(json_schema(schema), defaults=_COMPILE_OPTIONS)
+        probe = self.matcher()
+        if probe.is_error():
+            raise ValueError(f"llguidance refused the schema: {probe.get_error()}")
+        self._shifts = torch.arange(32, dtype=torch.int32, device=self.device)
 
-    def fill(self, states: Sequence[tuple | None], allowed: torch.Tensor) -> None:
-        """Sets allowed[r, id] = True for each id that may follow states[r].
+    def matcher(self):
+        import llguidance
 
-        Built from a handful of batched tensor operations whatever the batch size: on a GPU, a
-        kernel launch per row and step would cost as much as the decode step itself.
-        """
-        string_rows, lefts, needs, closer_ids, closer_before = [], [], [], [], []
-        other_rows, other_ids = [], []
-        for r, stack in enumerate(states):
-            if not stack:  # complete, or broken beyond repair: only the end may follow
-                other_rows.append(r)
-                other_ids.append(self.eos_ids)
-            elif stack[-1][0] == _STR:
-                _, node, length = stack[-1]
-                ids, before = self._closing(stack[:-1])
-                string_rows.append(r)
-                lefts.append(node.max_len - length)
-                needs.append(node.min_len - length)
-                closer_ids.append(ids)
-                closer_before.append(before)
-            else:
-                ids = self._state_ids.get(stack)
-                if ids is None:
-                    ids = self._state_ids[stack] = self._fold_candidates(stack)
-                other_rows.append(r)
-                other_ids.append(ids)
-        device = allowed.device
-        if string_rows:
-            rows = torch.tensor(string_rows, dtype=torch.long, device=device)
-            left = torch.tensor(lefts, dtype=torch.int32, device=device)
-            need = torch.tensor(needs, dtype=torch.int32, device=device)
-            allowed[rows, : self.vocab_size] = self._plain_len.unsqueeze(0) <= left.unsqueeze(1)
-            counts = torch.tensor([len(i) for i in closer_ids], device=device)
-            before = torch.cat(closer_before)
-            which = torch.repeat_interleave(torch.arange(len(string_rows), device=device), counts)
-            ok = (before <= left[which]) & (before >= need[which])
-            allowed[rows[which[ok]], torch.cat(closer_ids)[ok]] = True
-        if other_rows:
-            counts = torch.tensor([len(i) for i in other_ids], device=device)
-            rows = torch.repeat_interleave(torch.tensor(other_rows, dtype=torch.long, device=device), counts)
-            allowed[rows, torch.cat(other_ids)] = True
+        return llguidance.LLMatcher(self.tokenizer.ll, self.grammar, log_level=0)
 
-    def _closing(self, outer: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = self._closer_ids.get(outer)
-        if cached is None:
-            after = _settle(outer)
-            kept = [(i, cut) for i, cut, rest in self._closers if feed(after, rest) is not None]
-            ids = torch.tensor([i for i, _ in kept], dtype=torch.long, device=self.device)
-            before = torch.tensor([c for _, c in kept], dtype=torch.int32, device=self.device)
-            cached = self._closer_ids[outer] = (ids, before)
-        return cached
+    def accepts(self, text: str, complete: bool = False) -> bool:
+        """Whether guided decoding can write text (as a whole answer, with complete=True)."""
+        matcher = self.matcher()
+        ok = matcher.consume_tokens(self.tokenizer.ll.tokenize_str(text)) if text else True
+        return ok and not matcher.is_error() and (not complete or matcher.is_accepting())
 
-    def _fold_candidates(self, stack: tuple) -> torch.Tensor:
-        ids = []
-        for ch in _PROBE:
-            if step(stack, ch) is None:
-                continue
-            ids.extend(i for i, text in self._by_first.get(ch, ()) if feed(stack, text) is not None)
-        return torch.tensor(sorted(ids), dtype=torch.long, device=self.device)
+    def refused(self, bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+        """(rows, vocab) booleans, True where a token is not allowed, on the scores' device. The
+        packed rows cross to a GPU (32 times smaller than booleans) and are unpacked there."""
+        if self.device.type == "cpu":
+            bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=vocab, bitorder="little")
+            return torch.from_numpy(bits == 0)
+        return unpack_refused(bitmask.to(self.device, non_blocking=True), vocab, self._shifts)
+
+
+def unpack_refused(words: torch.Tensor, vocab: int, shifts: torch.Tensor) -> torch.Tensor:
+    """Packed int32 masks to refused-token booleans with tensor operations, on the words' device."""
+    bits = (words.unsqueeze(-1) >> shifts) & 1  # the sign bit too: >> is arithmetic, & 1 keeps one bit
+    return bits.view(words.shape[0], -1)[:, :vocab] == 0
+
+
+_executor = None
+_executor_lock = threading.Lock()
+
+
+def _shared_executor():
+    """llguidance's thread pool, one per process: masks for a batch's rows are computed in parallel."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            import llguidance
+
+            _executor = llguidance.LLExecutor()  # 80% of the CPUs, at most 32
+        return _executor
 
 
 class JsonLogitsProcessor(LogitsProcessor):
     """One generate call's guide: follows each row's tokens and masks what would break the schema.
 
-    A row whose chosen token is not in the guide (it cannot happen while the mask is applied, but a
-    processor placed after ours could change the choice) is left to end at once; the strict parse
-    afterwards reports it.
+    A row that ended (its end-of-sequence token, then the padding generate adds) or took a token
+    the guide did not allow (it cannot happen while the mask is applied, but a processor placed
+    after ours could change the choice) may only end: the strict parse afterwards reports it.
     """
 
     def __init__(self, guide: JsonGuide):
         self.guide = guide
-        self.states: list[tuple | None] | None = None
-        self.start = 0
+        self.matchers: list | None = None
         self.seen = 0
+        self.bitmask: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        width = self.guide.tokenizer.width
+        if scores.shape[-1] != width:
+            raise ValueError(f"the guide was built for {width} logits, the model gives {scores.shape[-1]}")
+        bitmask = self.masks(input_ids)
+        return scores.masked_fill_(self.guide.refused(bitmask, width).to(scores.device), float("-inf"))
+
+    def masks(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Follows the rows' new tokens; returns the packed masks of what each row may write next."""
+        tokenizer = self.guide.tokenizer
         batch = input_ids.shape[0]
-        if self.states is None:
-            self.states = [self.guide.initial] * batch
-            self.start = self.seen = input_ids.shape[1]
-        new = input_ids[:, self.seen:].tolist()
-        self.seen = input_ids.shape[1]
-        for r in range(batch):
-            for token in new[r]:
-                state = self.states[r]
-                if not state:  # complete or broken: the padding generate adds after the end
-                    break
-                text = self.guide.texts[token] if token < self.guide.vocab_size else None
-                self.states[r] = feed(state, text) if text else None
-        allowed = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-        self.guide.fill(self.states, allowed)
-        return scores.masked_fill(~allowed, float("-inf"))
+        if self.matchers is None:
+            self.matchers = [self.guide.matcher() for _ in range(batch)]
+            self.seen = input_ids.shape[1]
+            self.bitmask = torch.zeros((batch, tokenizer.whole_chars.size), dtype=torch.int32,
+                                       pin_memory=self.guide.device.type == "cuda")
+        else:
+            new = input_ids[:, self.seen:].tolist()
+            self.seen = input_ids.shape[1]
+            for matcher, tokens in zip(self.matchers, new):
+                for token in tokens:
+                    if matcher.is_stopped() or matcher.is_error():
+                        break
+                    matcher.consume_token(token)
+        live = [(m, r) for r, m in enumerate(self.matchers) if not (m.is_stopped() or m.is_error())]
+        masks = self.bitmask.numpy()
+        if live:
+            _shared_executor().unsafe_compute_mask_ptr(live, self.bitmask.data_ptr(), masks.shape[1] * 4, batch)
+        rows = [r for _, r in live]
+        masks[rows] &= tokenizer.whole_chars
+        # A row with nothing left to write may only end; so may one where no whole-character token
+        # fits (no real vocabulary lacks the single ASCII characters, but a mask of nothing would
+        # make sampling fail on NaNs).
+        ended = np.setdiff1d(np.arange(batch), rows)
+        ended = np.union1d(ended, np.flatnonzero(~masks.any(axis=1)))
+        masks[ended] = tokenizer.only_eos
+        return self.bitmask

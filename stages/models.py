@@ -125,7 +125,7 @@ class VlmBundle:
     profile: str
     device: str
     eos_ids: list[int]
-    # Guided-decoding tables built for this tokenizer, per schema (see stages.vlm).
+    # The tokenizer as the guidance library sees it, and each schema compiled for it (stages.vlm.guide_for).
     guides: dict = field(default_factory=dict)
     guides_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -200,25 +200,103 @@ def _dtype(device: str):
 
 # --- real weights -----------------------------------------------------------------------------------
 
-def _hf_source(name: str, env_var: str) -> tuple[str, bool]:
-    """(what to pass to from_pretrained, local_files_only)."""
+# Long enough for a hub across the world (a TCP handshake, not a download), short enough that a
+# worker with nothing to load learns it at once.
+HUB_CONNECT_TIMEOUT_S = 3.0
+
+
+def hub_endpoint() -> str:
+    """The hub the download client will call (HF_ENDPOINT, as huggingface_hub read it)."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT.rstrip("/")
+
+
+def _address(url: str) -> tuple[str, int]:
+    """Where a connection to url goes first: its proxy, if one is configured for it."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    parts = urlsplit(url)
+    proxy = None if proxy_bypass(parts.hostname or "") else getproxies().get(parts.scheme)
+    target = urlsplit(proxy if proxy and "://" in proxy else f"http://{proxy}" if proxy else url)
+    return target.hostname or "", target.port or (443 if target.scheme == "https" else 80)
+
+
+def reachable(url: str, timeout: float = HUB_CONNECT_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to url (or its proxy) opens within the timeout. The download
+    clients retry a refused or silent server with back-off for minutes before giving up; a worker
+    whose weights are not on disk should learn in seconds that nothing can be downloaded."""
+    import socket
+
+    host, port = _address(url)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def in_hf_cache(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds a snapshot of repo_id (its config.json, at least)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+@dataclass(frozen=True)
+class HfSource:
+    ref: str  # what from_pretrained gets
+    local_only: bool  # no network: a local directory, or the cache when downloads are off or impossible
+    where: str  # for messages
+
+
+def hf_source(name: str, env_var: str) -> HfSource:
+    """Where the weights env_var names will come from, decided before any model library is called:
+    a missing local path, or a hub id that is neither cached nor downloadable, fails here at once."""
     if os.path.isdir(name):
-        return name, True
-    if name.startswith(("/", ".", "~")):
-        raise ModelUnavailableError(f"{env_var}={name!r} is a path that does not exist: point {env_var} at the model's directory")
-    return name, offline()
+        return HfSource(name, True, "local directory")
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ModelUnavailableError(
+            f"{env_var}={name!r} is a path that does not exist: point {env_var} at the model's directory")
+    cached = in_hf_cache(name)
+    if offline():
+        if not cached:
+            raise ModelUnavailableError(
+                f"{env_var}={name!r} is not in the local Hugging Face cache ({hf_cache_dir()}) and downloads "
+                f"are off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE). {_how_to_fix(env_var)}")
+        return HfSource(name, True, "Hugging Face cache (offline)")
+    endpoint = hub_endpoint()
+    if not reachable(endpoint):
+        if cached:
+            log.warning("%s=%r: the hub %s is unreachable; loading the cached copy", env_var, name, endpoint)
+            return HfSource(name, True, f"Hugging Face cache (hub {endpoint} unreachable)")
+        raise ModelUnavailableError(
+            f"{env_var}={name!r} is not in the local Hugging Face cache ({hf_cache_dir()}) and the hub "
+            f"{endpoint} (HF_ENDPOINT) is unreachable: no connection within {HUB_CONNECT_TIMEOUT_S:g} s. "
+            f"{_how_to_fix(env_var)}")
+    return HfSource(name, False, f"hub {endpoint}")
 
 
-def _unavailable(what: str, env_var: str, name: str, local_only: bool, exc: BaseException) -> ModelUnavailableError:
-    where = (
-        "not found in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE)"
-        if local_only and not os.path.isdir(name)
-        else "could not be loaded"
-    )
+def _how_to_fix(env_var: str) -> str:
+    return (f"Set {env_var} to a local model directory (config and weights) or download it into the cache; "
+            "MODEL_PROFILE=tiny runs random-weight test models instead")
+
+
+def _unavailable(what: str, env_var: str, name: str, source: HfSource, exc: BaseException) -> ModelUnavailableError:
+    first = str(exc).splitlines()[0] if str(exc) else ""
     return ModelUnavailableError(
-        f"{what} weights {env_var}={name!r} {where}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-        f"Set {env_var} to a local model directory (config and weights) or download it into the cache; "
-        "MODEL_PROFILE=tiny runs random-weight test models instead"
+        f"{what} weights {env_var}={name!r} could not be loaded from the {source.where}: "
+        f"{type(exc).__name__}: {first}. {_how_to_fix(env_var)}"
     )
 
 
@@ -232,25 +310,26 @@ def _refuse_missing_weights(what: str, env_var: str, name: str, info: dict) -> N
         )
 
 
-def _pretrained(what: str, env_var: str, name: str, device: str, load_companion: Callable, model_class) -> tuple:
+def _pretrained(what: str, env_var: str, name: str, source: HfSource, device: str, load_companion: Callable,
+                model_class) -> tuple:
     """(companion, model) from a hub id or local directory: the processor or tokenizer, then the
     model; a clear error naming env_var when they are missing or incomplete."""
-    source, local_only = _hf_source(name, env_var)
     try:
-        companion = load_companion(source, local_files_only=local_only)
+        companion = load_companion(source.ref, local_files_only=source.local_only)
         model, info = model_class.from_pretrained(
-            source, dtype=_dtype(device), local_files_only=local_only, output_loading_info=True
+            source.ref, dtype=_dtype(device), local_files_only=source.local_only, output_loading_info=True
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise _unavailable(what, env_var, name, local_only, exc) from exc
+        raise _unavailable(what, env_var, name, source, exc) from exc
     _refuse_missing_weights(what, env_var, name, info)
     return companion, model
 
 
 def _real_vlm(name: str, device: str) -> VlmBundle:
+    source = hf_source(name, "VLM_MODEL")  # before transformers is imported: missing weights fail at once
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor, model = _pretrained("VLM", "VLM_MODEL", name, device, AutoProcessor.from_pretrained,
+    processor, model = _pretrained("VLM", "VLM_MODEL", name, source, device, AutoProcessor.from_pretrained,
                                    AutoModelForImageTextToText)
     return _vlm_bundle(model, processor, processor.tokenizer, name, "real", device)
 
@@ -297,15 +376,23 @@ def _yolo_local_path(name: str) -> Path | None:
         return None
 
 
+YOLO_DOWNLOAD_HOST = "https://github.com"  # ultralytics' release assets
+
+
 def _real_yolo(name: str, device: str) -> YoloBundle:
     keep_ultralytics_offline()
     local = _yolo_local_path(name)
     if local is None and yolo_offline():
         # Ultralytics would otherwise try to download the file from the internet.
         raise ModelUnavailableError(
-            f"YOLO weights YOLO_MODEL={name!r} are not a local file and downloads are off "
-            "(YOLO_OFFLINE/HF_HUB_OFFLINE): set YOLO_MODEL to the path of a .pt file; "
+            f"YOLO weights YOLO_MODEL={name!r} are not a local file (nor in ultralytics' weights_dir) and "
+            "downloads are off (YOLO_OFFLINE/HF_HUB_OFFLINE): set YOLO_MODEL to the path of a .pt file; "
             "MODEL_PROFILE=tiny runs a random-weight YOLO instead"
+        )
+    if local is None and not reachable(YOLO_DOWNLOAD_HOST):
+        raise ModelUnavailableError(
+            f"YOLO weights YOLO_MODEL={name!r} are not a local file and {YOLO_DOWNLOAD_HOST}, where ultralytics "
+            "downloads them from, is unreachable: set YOLO_MODEL to the path of a .pt file"
         )
     from ultralytics import YOLO
 
@@ -326,10 +413,11 @@ def _yolo_bundle(model, name: str, profile: str, device: str, imgsz: int) -> Yol
 
 
 def _real_translator(name: str, device: str) -> TranslatorBundle:
+    source = hf_source(name, "TRANSLATION_MODEL")
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    tokenizer, model = _pretrained("Translation", "TRANSLATION_MODEL", name, device, AutoTokenizer.from_pretrained,
-                                   AutoModelForSeq2SeqLM)
+    tokenizer, model = _pretrained("Translation", "TRANSLATION_MODEL", name, source, device,
+                                   AutoTokenizer.from_pretrained, AutoModelForSeq2SeqLM)
     model.to(device).eval()
     return TranslatorBundle(model, tokenizer, name, "real", device)
 

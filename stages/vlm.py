@@ -3,9 +3,9 @@
 Works with any transformers image-text-to-text model whose processor has a chat template (the real
 profile's LLaVA-OneVision, the tiny profile's LLaVA). A batch is one left-padded `generate` call.
 
-Answers are JSON of a fixed schema per stage. Guided decoding (stages.guided_json, env
-VLM_GUIDED_JSON, on by default) keeps every answer a valid instance of the schema; the answer is then
-parsed strictly all the same. An answer that still fails (guidance off, or a token budget set below
+Answers are JSON of a fixed schema per stage. Guided decoding (stages.guided_json on llguidance, env
+VLM_GUIDED_JSON, on by default; it needs a fast tokenizer) keeps every answer a valid instance of the
+schema; the answer is then parsed strictly all the same. An answer that still fails (guidance off, or a token budget set below
 the schema's length by VLM_MAX_NEW_TOKENS) is regenerated once with sampling, since greedy decoding
 would only repeat itself; a second failure is permanent and carries both raw texts.
 """
@@ -108,14 +108,23 @@ def token_budget(schema: gj.Object) -> int:
     return int(override) if override else gj.max_chars(schema) + 1
 
 
+def logits_width(model) -> int:
+    """How many scores the model gives per step: its output layer, often padded past the tokenizer."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
 def guide_for(bundle: VlmBundle, schema: gj.Object) -> gj.JsonGuide:
     with bundle.guides_lock:
-        texts = bundle.guides.get("texts")
-        if texts is None:
-            texts = bundle.guides["texts"] = gj.token_texts(bundle.tokenizer)
+        tokenizer = bundle.guides.get("tokenizer")
+        if tokenizer is None:
+            tokenizer = bundle.guides["tokenizer"] = gj.GuideTokenizer(
+                bundle.tokenizer, logits_width(bundle.model), bundle.eos_ids)
         guide = bundle.guides.get(id(schema))
         if guide is None:
-            guide = bundle.guides[id(schema)] = gj.JsonGuide(texts, schema, bundle.eos_ids, bundle.model.device)
+            guide = bundle.guides[id(schema)] = gj.JsonGuide(tokenizer, schema, bundle.model.device)
         return guide
 
 

@@ -155,3 +155,23 @@ def test_fan_in_race_exactly_one_job_stage_each_time(conn, db_url):
     finally:
         for c in conns:
             c.close()
+
+
+def test_a_task_claimed_in_the_transaction_that_enqueued_it_wakes_nobody(conn, db_url):
+    """Migration 0005: the wake-up goes out at commit, for a task still queued then. A completion
+    that claims the next stage it enqueued (the worker's completer does) sends none; a completion
+    that leaves it queued sends one, and so does an outside writer's enqueue."""
+    listener = db.connect(db_url)
+    listener.execute("LISTEN outbox_stage_tasks")
+    job_id, _ = insert_job(conn, variants=1)
+    assert [n.payload for n in listener.notifies(timeout=0.5)] == ["vlm_analyze"]  # the outside writer's
+    [task] = claim(conn, stages=["vlm_analyze"])
+    with conn.transaction():
+        assert complete(conn, task)
+        [nxt] = claim(conn, stages=["yolo_detect"])
+    assert nxt["stage"] == "yolo_detect"
+    assert list(listener.notifies(timeout=0.5)) == []  # claimed before the commit: nobody to wake
+    assert complete(conn, nxt)
+    assert [n.payload for n in listener.notifies(timeout=0.5)] == ["planner"]  # left queued: a wake-up
+    assert [t["status"] for t in tasks_of(conn, job_id)] == ["done", "done", "queued"]
+    listener.close()

@@ -237,7 +237,7 @@ def test_resync_reports_what_changed_while_away_in_pipeline_order():
                              {"variant_id": "v2", "creation_order": 2, "status": "done", "current_step": "img_gen"}],
                 "tasks": [task("v1", "vlm_analyze", "done"), task("v2", "vlm_analyze", "running")]}
     progress = JobProgress(GRAPH, snapshot)
-    later = {**snapshot, "status": "failed", "current_step": "planner",
+    later = {**snapshot, "status": "failed", "current_step": "planner", "state": "failed",
              "variants": [{"variant_id": "v1", "creation_order": 1, "status": "failed", "current_step": "planner"},
                           {"variant_id": "v2", "creation_order": 2, "status": "failed", "current_step": "vlm_analyze"}],
              "tasks": [task("v1", "vlm_analyze", "done"), task("v1", "yolo_detect", "done"),

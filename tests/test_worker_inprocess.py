@@ -26,16 +26,11 @@ def submit(conn, image, copy: str, variants: int) -> str:
 
 
 async def job_state(worker: Worker, job_id: str) -> str:
-    """done / failed / cancelled when the job is finished by outbox.watch's rule, else open."""
-    from outbox.watch import FINAL_STATUSES
-
+    """open, done, failed or cancelled: the database's one rule (outbox_job_state)."""
     async with worker.pool.connection() as conn:
-        row = await (await conn.execute(
-            "SELECT status, current_step, outbox_last_job_stage() AS final FROM jobs WHERE job_id = %s",
-            (job_id,))).fetchone()
-    if row["status"] in FINAL_STATUSES:
-        return row["status"]
-    return "done" if (row["status"], row["current_step"]) == ("done", row["final"]) else "open"
+        row = await (await conn.execute("SELECT outbox_job_state(status, current_step) AS state FROM jobs "
+                                        "WHERE job_id = %s", (job_id,))).fetchone()
+    return row["state"]
 
 
 async def until_finished(worker: Worker, job_id: str, timeout: float = 60) -> str:

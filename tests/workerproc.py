@@ -52,16 +52,15 @@ class WorkerProcess:
 
 
 def wait_for_jobs(db_url: str, job_ids: list[str], timeout: float = 120) -> dict[str, str]:
-    """Waits (LISTEN on job_state_changed, a re-read on each) until every job is finished."""
-    final = ("instagram_feed_gen", "done")
+    """Waits (LISTEN on job_state_changed, a re-read on each) until every job is finished, by the
+    database's rule (outbox_job_state); returns each job's state."""
     deadline = time.monotonic() + timeout
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("LISTEN job_state_changed")
         while True:
-            rows = conn.execute("SELECT job_id::text, status, current_step FROM jobs WHERE job_id = ANY (%s::uuid[])",
-                                (job_ids,)).fetchall()
-            states = {r[0]: r[1] if r[1] in ("failed", "cancelled") else
-                      ("done" if (r[2], r[1]) == final else "open") for r in rows}
+            rows = conn.execute("SELECT job_id::text, outbox_job_state(status, current_step) FROM jobs "
+                                "WHERE job_id = ANY (%s::uuid[])", (job_ids,)).fetchall()
+            states = dict(rows)
             if all(s != "open" for s in states.values()):
                 return states
             left = deadline - time.monotonic()

@@ -1,13 +1,15 @@
 """The completer service: group commit of results. Every completion waiting when the previous
 commit ends goes into one completion transaction (outbox/completion.py), so under load round trips
-per task fall while a lone task waits for none. When a commit's outcome is unknown it reads back
-afterwards whether it committed, and says so."""
+per task fall while a lone task waits for none. The dispatcher may ride a claim on it: the next
+stages the completions enqueue are then ours in the same round trip. When a commit's outcome is
+unknown it reads back afterwards whether it committed, and says so."""
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
-from outbox.completion import Completion, OutcomeUnknown, commit_completions
+from outbox.completion import ClaimRequest, Completion, OutcomeUnknown, commit_completions
 from outbox.errors import describe_error
 from outbox.queue import ClaimedTask
 from workers.logs import task_fields
@@ -30,6 +32,10 @@ class Completer(Service):
         self.waiting: asyncio.Queue[tuple[ClaimedTask, Completion, asyncio.Future]] = asyncio.Queue()
         # Written here only: read-backs of unknown outcomes still running.
         self.outcome_checks: set[asyncio.Task] = set()
+        # Set by Worker to the dispatcher's: what to claim in a completion's transaction (None:
+        # nothing), given the tasks being completed, and what to do with what it took.
+        self.claim_with: Callable[[list[ClaimedTask]], ClaimRequest | None] = lambda _: None
+        self.took: Callable[[list[dict]], None] = lambda _: None
 
     async def complete(self, task: ClaimedTask, completion: Completion) -> bool:
         """Waits for `completion` to be committed in the next group commit; True when the lease
@@ -43,16 +49,28 @@ class Completer(Service):
             batch = [await self.waiting.get()]
             while not self.waiting.empty() and len(batch) < COMPLETION_BATCH:
                 batch.append(self.waiting.get_nowait())
+            tasks = [task for task, _, _ in batch]
             try:
-                accepted = await commit_completions(self.pool.connection, self.owner, [c for _, c, _ in batch])
+                claim = self.claim_with(tasks)
+                try:
+                    committed = await commit_completions(self.pool.connection, self.owner,
+                                                         [c for _, c, _ in batch], claim, self.settings.db_timeout_s)
+                except BaseException:
+                    if claim is not None:
+                        self.took([])  # gives back the slots the claim had reserved
+                    raise
+                # What the claim took goes to work before the futures let the completed tasks'
+                # slots go, so the next stage starts as soon as possible.
+                if claim is not None:
+                    self.took(committed.claimed)
                 for task, _, future in batch:
-                    future.set_result(task.id in accepted)
+                    future.set_result(task.id in committed.accepted)
             except Exception as exc:
                 for _, _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 if isinstance(exc, OutcomeUnknown):
-                    self._start_outcome_check([task for task, _, _ in batch])
+                    self._start_outcome_check(tasks)
 
     def _start_outcome_check(self, tasks: list[ClaimedTask]) -> None:
         check = asyncio.create_task(self._check_outcomes(tasks), name="outcome-check")

@@ -7,6 +7,8 @@ import asyncio
 import logging
 
 from outbox import queue
+from outbox.completion import ClaimRequest
+from outbox.queue import ClaimedTask
 from outbox.errors import describe_error
 from workers.executor import MIN_DEADLINE_WAIT_S, Executor
 from workers.logs import task_fields
@@ -25,7 +27,12 @@ class Dispatcher(Service):
         # Written here only: loop time of the next deadline the database told us (a retry that
         # becomes due, a lease that runs out), or of a backoff after a failed claim.
         self.deadline: float | None = None
+        self.waiting_until: float | None = None  # the wake-up time of the wait in progress
         self.last_rescue = 0.0  # loop time of the last rescue
+        # Slots promised to the claim riding on the completion in progress (one at a time: the
+        # completer commits one batch after another), so that fill() and it never take more
+        # than concurrency together. Set by claim_with, cleared by took.
+        self.reserved = 0
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -37,13 +44,20 @@ class Dispatcher(Service):
             wake_at = min((d for d in (self.deadline, state.orphan_deadline if state.listening else None)
                            if d is not None), default=None)
             timeout = None if wake_at is None else max(0.0, wake_at - loop.time())
+            self.waiting_until = wake_at
+            due = False
             try:
                 await asyncio.wait_for(state.wake.wait(), timeout)
             except asyncio.TimeoutError:
-                state.rescue_due = True
+                due = True
             if wake_at is not None and loop.time() >= wake_at:
-                state.rescue_due = True  # woken by a notification just as the deadline passed
+                due = True  # woken by a notification just as the deadline passed
             state.wake.clear()
+            if due:
+                state.rescue_due = True
+            elif not state.fill_due:
+                continue  # rethink(): a claim riding on a completion moved the deadline earlier
+            state.fill_due = False
             if state.stopping or not state.listening:
                 # Without a listener we could miss work; the reconnect kicks us once it is back.
                 self.deadline = None
@@ -56,6 +70,43 @@ class Dispatcher(Service):
                 backoff = min(self.settings.reconnect_delay_s * failures, self.settings.reconnect_max_s)
                 log.warning("claim failed (%s); trying again in %.1f s", describe_error(exc), backoff)
                 self.deadline = loop.time() + backoff
+
+    def claim_with(self, completing: list[ClaimedTask]) -> ClaimRequest | None:
+        """The claim to ride on a completion of `completing` (the completer asks): as many tasks as
+        slots will be free once those are done, under the same rules as fill(). None while a
+        claim here would be wrong: stopping, disconnected, or a task runs or waits to run alone."""
+        state = self.state
+        if state.stopping or not state.listening or state.claim_mode is not ClaimMode.NORMAL:
+            return None
+        others = len(state.in_flight) - sum(1 for t in completing if t.id in state.in_flight)
+        free = self.settings.concurrency - others
+        if free <= 0:
+            return None
+        self.reserved = free
+        return ClaimRequest(stages=state.stages, limit=free, lease_s=self.settings.lease_s, alone=others == 0)
+
+    def took(self, rows: list[dict]) -> None:
+        """Starts what a claim riding on a completion took, and keeps what the dispatcher would
+        have learnt from claiming itself: the next deadline (a retry, a foreign lease: a worker
+        fed only by its completions must still wake to rescue), and the rescue at least every
+        heartbeat interval while busy."""
+        loop = asyncio.get_running_loop()
+        self.reserved = 0
+        tasks, seconds = queue.split_claim(rows)
+        if seconds is not None:
+            self.deadline = loop.time() + max(seconds, MIN_DEADLINE_WAIT_S)
+            if self.waiting_until is None or self.deadline < self.waiting_until:
+                self.state.rethink()
+        if loop.time() - self.last_rescue >= self.settings.heartbeat_s:
+            self.state.kick()
+        if not tasks:
+            return
+        self.state.claimed(tasks, queue.suspect_waiting(rows))
+        self.executor.start(tasks)
+        if self.state.claim_mode is ClaimMode.ALONE:
+            task = tasks[0]
+            log.warning("task %s (%s, %s) lost its worker before and this is its last attempt: it runs "
+                        "alone", task.id, task.stage, task.subject, extra=task_fields(task))
 
     async def fill(self) -> None:
         loop = asyncio.get_running_loop()
@@ -79,7 +130,7 @@ class Dispatcher(Service):
                 if not state.may_claim():
                     self.deadline = None
                     return
-                free = self.settings.concurrency - len(state.in_flight)
+                free = self.settings.concurrency - len(state.in_flight) - self.reserved
                 if free <= 0:
                     state.saturated = True
                     self.deadline = None  # a completion will wake us

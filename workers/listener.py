@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from outbox import db, queue
 from outbox.errors import describe_error
@@ -30,10 +31,13 @@ class Listener(Service):
     async def run(self) -> None:
         delay = self.settings.reconnect_delay_s
         url = self.settings.listen_url or self.settings.url
+        # Named after the worker: this connection stays open while the worker runs, so its backend
+        # in pg_stat_activity is how `workers list` knows the worker is alive (no query of ours).
+        named = make_conninfo(url, application_name=self.owner)
         stage_set = set(self.state.stages)
         while not self.state.stopping:
             try:
-                conn = await db.connect_async(url)
+                conn = await db.connect_async(named)
                 async with conn:
                     await conn.execute(f"LISTEN {queue.WORKER_CHANNEL}")
                     if not self.connected_once:

@@ -18,10 +18,13 @@ UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, Ti
 
 
 class BoundedPool:
-    def __init__(self, url: str, max_size: int, timeout_s: float, min_size: int = 1):
+    def __init__(self, url: str, max_size: int, timeout_s: float, min_size: int = 1,
+                 application_name: str | None = None):
         self.url = url
         self.timeout_s = timeout_s
-        self.pool = AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False, kwargs=db.POOL_KWARGS)
+        # The worker's id on its connections: `workers list` reads liveness from pg_stat_activity.
+        kwargs = {**db.POOL_KWARGS, **({"application_name": application_name} if application_name else {})}
+        self.pool = AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False, kwargs=kwargs)
 
     @property
     def safe_url(self) -> str:

@@ -80,8 +80,10 @@ class WorkerState:
         # Armed by the Executor when an outcome could not be recorded (loop time when its lease
         # has run out, so a lone worker rescues its own orphan); disarmed by the Dispatcher.
         self.orphan_deadline: float | None = None
-        # Anyone sets it (kick); the Dispatcher waits on it and clears it.
+        # Anyone sets them (kick: claim; rethink: only the deadline moved); the Dispatcher waits
+        # on wake and clears both.
         self.wake = asyncio.Event()
+        self.fill_due = False
         # Set once, by request_stop.
         self.stopped = asyncio.Event()
         # Set while the link is up: a signal for tests and for start-up, not for control flow.
@@ -89,6 +91,12 @@ class WorkerState:
 
     # ----------------------------------------------------------------- the transitions
     def kick(self) -> None:
+        """Wakes the dispatcher to claim."""
+        self.fill_due = True
+        self.wake.set()
+
+    def rethink(self) -> None:
+        """Wakes the dispatcher to recompute its wait only (its deadline moved earlier)."""
         self.wake.set()
 
     def linked(self) -> None:
@@ -109,7 +117,7 @@ class WorkerState:
         first = self.lifecycle is not Lifecycle.STOPPING
         self.lifecycle = Lifecycle.STOPPING
         self.stopped.set()
-        self.wake.set()
+        self.kick()
         return first
 
     @property

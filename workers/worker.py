@@ -80,11 +80,13 @@ class Worker:
         self.owner = settings.worker_id
         self.metrics = metrics or Metrics()
         self.state = WorkerState()
-        self.pool = BoundedPool(settings.url, settings.concurrency + 3, settings.db_timeout_s)
+        self.pool = BoundedPool(settings.url, settings.concurrency + 3, settings.db_timeout_s,
+                                application_name=self.owner)
         shared = (settings, self.state, self.pool, self.metrics, self.owner)
         self.completer = Completer(*shared)
         self.executor = Executor(*shared, registry=registry, runner=runner, completer=self.completer)
         self.dispatcher = Dispatcher(*shared, executor=self.executor)
+        self.completer.claim_with, self.completer.took = self.dispatcher.claim_with, self.dispatcher.took
         self.listener = Listener(*shared)
         self.heartbeat = Heartbeat(*shared)
 
@@ -103,6 +105,7 @@ class Worker:
         await self.pool.open(wait=False)
         try:
             await self._check_graph()
+            await self._register()
         except UNREACHABLE as exc:
             # The database is not there (yet): the pool retries in the background and the first
             # operation times out after db_timeout_s with an exception that names no cause.
@@ -141,6 +144,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*services, stop_wait, return_exceptions=True)
         await self.completer.cancel_outcome_checks()
+        await self._deregister()
         if health:
             await health.close()
         await self.pool.close()
@@ -204,6 +208,28 @@ class Worker:
         position = {stage: i for i, stage in enumerate(known)}
         self.state.stages = tuple(sorted(wanted, key=position.__getitem__, reverse=True))
         self.executor.timeouts = {s: float(known[s]["timeout_s"]) for s in wanted}
+
+    async def _register(self) -> None:
+        """One row in `workers` (migration 0004) for `cli.py workers list`; a database still at
+        0003 only loses that listing."""
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(queue.REGISTER_WORKER, (self.owner, socket.gethostname(), os.getpid(),
+                                                           list(self.stages), self.settings.lease_s))
+        except psycopg.errors.UndefinedTable:
+            log.warning("no workers table (database before migration 0004: run `cli.py db upgrade`); "
+                        "this worker is not listed by `cli.py workers list`")
+        except psycopg.errors.InsufficientPrivilege as exc:
+            log.warning("cannot register in the workers table (%s; deploy/sql/worker_grants.sql grants it): "
+                        "this worker is not listed by `cli.py workers list`", describe_error(exc))
+
+    async def _deregister(self) -> None:
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(queue.DEREGISTER_WORKER, (self.owner,))
+        except (psycopg.Error, TimeoutError) as exc:
+            # Listed as dead ("went quiet") instead of stopped: nothing else depends on it.
+            log.warning("could not record this worker's stop (%s)", describe_error(exc))
 
     async def _drain_and_hand_back(self, services: set[asyncio.Task]) -> None:
         loop = asyncio.get_running_loop()

@@ -85,6 +85,15 @@
 --   started_at timestamp with time zone
 --   finished_at timestamp with time zone
 
+-- workers
+--   id text NOT NULL
+--   host text NOT NULL
+--   pid integer NOT NULL
+--   stages text[] NOT NULL
+--   lease_s double precision NOT NULL
+--   started_at timestamp with time zone NOT NULL DEFAULT now()
+--   stopped_at timestamp with time zone
+
 -- ================================================================ the stage graph (data)
 INSERT INTO stage_graph VALUES ('vlm_analyze', 'variant', 'img_gen', 'gpu', 3, 300, 1);
 INSERT INTO stage_graph VALUES ('yolo_detect', 'variant', 'vlm_analyze', 'gpu', 3, 300, 2);
@@ -128,12 +137,15 @@ ALTER TABLE stage_tasks ADD CONSTRAINT stage_tasks_job_variants_id_fkey FOREIGN 
 ALTER TABLE stage_tasks ADD CONSTRAINT stage_tasks_pkey PRIMARY KEY (id);
 ALTER TABLE stage_tasks ADD CONSTRAINT stage_tasks_stage_fkey FOREIGN KEY (stage) REFERENCES stage_graph(stage);
 ALTER TABLE stage_tasks ADD CONSTRAINT stage_tasks_status_check CHECK ((status = ANY (ARRAY['queued'::text, 'running'::text, 'done'::text, 'failed'::text, 'cancelled'::text])));
+ALTER TABLE workers ADD CONSTRAINT workers_lease_s_check CHECK ((lease_s > (0)::double precision));
+ALTER TABLE workers ADD CONSTRAINT workers_pkey PRIMARY KEY (id);
 
 -- ================================================================ indexes
 CREATE INDEX artifacts_created_at_idx ON public.artifacts USING btree (created_at);
 CREATE UNIQUE INDEX artifacts_pkey ON public.artifacts USING btree (key);
 CREATE UNIQUE INDEX image_assets_pkey ON public.image_assets USING btree (image_asset_id);
 CREATE UNIQUE INDEX job_inputs_pkey ON public.job_inputs USING btree (job_id);
+CREATE INDEX jobs_created_at_idx ON public.jobs USING btree (created_at);
 CREATE INDEX jobs_current_step_idx ON public.jobs USING btree (current_step);
 CREATE UNIQUE INDEX jobs_pkey ON public.jobs USING btree (job_id);
 CREATE INDEX jobs_status_idx ON public.jobs USING btree (status);
@@ -157,6 +169,7 @@ CREATE UNIQUE INDEX stage_tasks_job_stage_key ON public.stage_tasks USING btree 
 CREATE UNIQUE INDEX stage_tasks_pkey ON public.stage_tasks USING btree (id);
 CREATE INDEX stage_tasks_running_lease_idx ON public.stage_tasks USING btree (lease_expires_at) WHERE (status = 'running'::text);
 CREATE UNIQUE INDEX stage_tasks_variant_stage_key ON public.stage_tasks USING btree (job_variants_id, stage) WHERE (job_variants_id IS NOT NULL);
+CREATE UNIQUE INDEX workers_pkey ON public.workers USING btree (id);
 
 -- ================================================================ functions
 
@@ -278,7 +291,7 @@ BEGIN
         tasks := outbox_cancel_leftovers(p_job);
         RETURN;
     END IF;
-    IF v_job.status = 'failed' OR (v_job.status = 'done' AND v_job.current_step = outbox_last_job_stage()) THEN
+    IF outbox_job_state(v_job.status, v_job.current_step) <> 'open' THEN
         RAISE EXCEPTION 'job % already finished (% %): nothing to cancel', p_job, v_job.current_step, v_job.status
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
@@ -481,6 +494,17 @@ BEGIN
     RETURN true;
 END $function$;
 
+CREATE OR REPLACE FUNCTION public.outbox_complete_claim(p_owner text, p_items jsonb, p_stages text[], p_limit integer, p_lease_s double precision, p_alone boolean)
+ RETURNS TABLE(id bigint, job_id uuid, job_variants_id uuid, stage text, attempt integer, max_attempts integer, tenant_id character varying, ad_copy text, img_asset_id uuid, asset_uri text, asset_tenant character varying, results jsonb, variants jsonb, next_deadline_s double precision, alone boolean, suspect_waiting boolean, accepted bigint[])
+ LANGUAGE plpgsql
+ SET jit TO 'off'
+AS $function$
+DECLARE
+    v_accepted bigint[] := outbox_complete_many(p_owner, p_items);
+BEGIN
+    RETURN QUERY SELECT c.*, v_accepted FROM outbox_claim(p_owner, p_stages, p_limit, p_lease_s, NULL, p_alone) c;
+END $function$;
+
 CREATE OR REPLACE FUNCTION public.outbox_complete_many(p_owner text, p_items jsonb)
  RETURNS bigint[]
  LANGUAGE plpgsql
@@ -670,6 +694,22 @@ BEGIN
     RETURN NULL;
 END $function$;
 
+CREATE OR REPLACE FUNCTION public.outbox_job_state(p_status text, p_step text)
+ RETURNS text
+ LANGUAGE plpgsql
+ STABLE
+ SET jit TO 'off'
+AS $function$
+BEGIN
+    IF p_status IN ('failed', 'cancelled') THEN
+        RETURN p_status;
+    END IF;
+    IF p_status = 'done' AND p_step = outbox_last_job_stage() THEN
+        RETURN 'done';
+    END IF;
+    RETURN 'open';
+END $function$;
+
 CREATE OR REPLACE FUNCTION public.outbox_job_write_refusal(p_job uuid, p_old_step text, p_old_status text, p_new_step text, p_new_status text, p_closed timestamp with time zone)
  RETURNS text
  LANGUAGE plpgsql
@@ -789,7 +829,9 @@ CREATE OR REPLACE FUNCTION public.outbox_notify_task_queued()
  LANGUAGE plpgsql
 AS $function$
 BEGIN
-    PERFORM pg_notify('outbox_stage_tasks', NEW.stage);
+    IF EXISTS (SELECT 1 FROM stage_tasks WHERE id = NEW.id AND status = 'queued') THEN
+        PERFORM pg_notify('outbox_stage_tasks', NEW.stage);
+    END IF;
     RETURN NULL;
 END $function$;
 
@@ -894,6 +936,22 @@ AS $function$
         OR (p_status = 'done' AND p_step = outbox_last_variant_stage())
 $function$;
 
+CREATE OR REPLACE FUNCTION public.outbox_variant_state(p_status text, p_step text)
+ RETURNS text
+ LANGUAGE plpgsql
+ STABLE
+ SET jit TO 'off'
+AS $function$
+BEGIN
+    IF p_status IN ('failed', 'cancelled', 'running') THEN
+        RETURN p_status;
+    END IF;
+    IF p_status = 'done' AND p_step = outbox_last_variant_stage() THEN
+        RETURN 'done';
+    END IF;
+    RETURN 'queued';
+END $function$;
+
 CREATE OR REPLACE FUNCTION public.outbox_variant_write_refusal(p_variant uuid, p_old_step text, p_new_step text, p_new_status text)
  RETURNS text
  LANGUAGE plpgsql
@@ -937,6 +995,16 @@ BEGIN
                   coalesce(v_stage || ' ' || v_status, 'none: its pipeline has not started'));
 END $function$;
 
+CREATE OR REPLACE FUNCTION public.outbox_worker_alive(p_id text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM pg_stat_activity a
+                   WHERE a.datname = current_database() AND a.application_name = left(p_id, 63));
+END $function$;
+
 -- ================================================================ triggers
 CREATE TRIGGER job_state_change_trigger AFTER INSERT OR UPDATE OF status, current_step ON public.jobs FOR EACH ROW EXECUTE FUNCTION notify_job_state_change();
 CREATE TRIGGER jobs_before_write BEFORE INSERT OR UPDATE OF status, current_step ON public.jobs FOR EACH ROW EXECUTE FUNCTION outbox_job_before_write();
@@ -945,4 +1013,4 @@ CREATE CONSTRAINT TRIGGER jobs_settle_on_insert AFTER INSERT ON public.jobs DEFE
 CREATE TRIGGER jobs_touch_updated_at BEFORE UPDATE ON public.jobs FOR EACH ROW EXECUTE FUNCTION outbox_touch_updated_at();
 CREATE TRIGGER job_variant_state_change_trigger AFTER INSERT OR UPDATE OF status, current_step ON public.jobs_variants FOR EACH ROW EXECUTE FUNCTION notify_job_variant_state_change();
 CREATE TRIGGER jobs_variants_touch_updated_at BEFORE UPDATE ON public.jobs_variants FOR EACH ROW EXECUTE FUNCTION outbox_touch_updated_at();
-CREATE TRIGGER outbox_task_queued_trigger AFTER INSERT OR UPDATE OF status, run_after ON public.stage_tasks FOR EACH ROW WHEN ((new.status = 'queued'::text)) EXECUTE FUNCTION outbox_notify_task_queued();
+CREATE CONSTRAINT TRIGGER outbox_task_queued_trigger AFTER INSERT OR UPDATE OF status, run_after ON public.stage_tasks DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN ((new.status = 'queued'::text)) EXECUTE FUNCTION outbox_notify_task_queued();

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # adflow CPU worker image: the CPU stages (planner, overlay, OCR, readability, IoU, Korean copy,
-# Instagram post), the migration Job and the command line.
+# Instagram post), the migration Job, the command line and the web console (`cli.py console`).
 #
 #   docker build -f deploy/docker/cpu.Dockerfile -t adflow-cpu .                     # models mounted at /models
 #   docker build -f deploy/docker/cpu.Dockerfile --build-arg MODELS=baked -t adflow-cpu:baked .
@@ -21,10 +21,10 @@ RUN python -m venv /opt/venv && pip install --upgrade pip "setuptools>=68"
 WORKDIR /app
 # Dependencies first, from pyproject.toml alone, so a source change does not reinstall torch.
 COPY pyproject.toml README.md ./
-RUN mkdir -p outbox workers stages console \
-    && touch cli.py outbox/__init__.py workers/__init__.py stages/__init__.py console/__init__.py \
+RUN mkdir -p outbox workers stages console/web \
+    && touch cli.py outbox/__init__.py workers/__init__.py stages/__init__.py console/__init__.py console/web/__init__.py \
     && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
-    && pip install ".[ml]" \
+    && pip install ".[ml,console]" \
     && pip uninstall -y adflow
 COPY cli.py alembic.ini ./
 COPY alembic ./alembic

@@ -24,8 +24,8 @@ RUN python3 -m venv /opt/venv && pip install --upgrade pip "setuptools>=68"
 WORKDIR /app
 # Dependencies first, from pyproject.toml alone, so a source change does not reinstall torch.
 COPY pyproject.toml README.md ./
-RUN mkdir -p outbox workers stages console \
-    && touch cli.py outbox/__init__.py workers/__init__.py stages/__init__.py console/__init__.py \
+RUN mkdir -p outbox workers stages console/web \
+    && touch cli.py outbox/__init__.py workers/__init__.py stages/__init__.py console/__init__.py console/web/__init__.py \
     && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
     && pip install ".[ml]" \
     && pip uninstall -y adflow

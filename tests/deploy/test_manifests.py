@@ -38,6 +38,9 @@ OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomiz
 K8S_VERSIONS = (max("1.29.0", kv_utils.all_versions()[0], key=lambda v: tuple(map(int, v.split(".")))),
                 kubernetes_validate.latest_version())
 HEALTH_PATHS = {"/healthz", "/readyz"}
+WORKER_POOLS = {"workers-cpu", "workers-gpu"}
+# Deployments that are not worker pools, each checked by its own tests (console: tests/test_console_web.py).
+OTHER_DEPLOYMENTS = {"console"}
 DEVICE_STAGES_SQL = "SELECT stage FROM stage_graph WHERE device = %s ORDER BY position"
 
 
@@ -89,7 +92,7 @@ def test_overlays_exist_and_render():
     for name in OVERLAYS:
         kinds = {r["kind"] for r in RENDERS[name]}
         assert {"Namespace", "ConfigMap", "Job", "Deployment", "PodDisruptionBudget"} <= kinds, name
-        assert set(by_kind(RENDERS[name], "Deployment")) == {"workers-cpu", "workers-gpu"}
+        assert set(by_kind(RENDERS[name], "Deployment")) == WORKER_POOLS | OTHER_DEPLOYMENTS
 
 
 @pytest.mark.parametrize("overlay", sorted(RENDERS))
@@ -202,7 +205,7 @@ def test_references_resolve(overlay):
         for trigger in scaled["spec"]["triggers"]:
             assert trigger["authenticationRef"]["name"] in by_kind(resources, "TriggerAuthentication")
     for monitor in by_kind(resources, "PodMonitor").values():
-        for deployment in deployments.values():
+        for deployment in (d for name, d in deployments.items() if name in WORKER_POOLS):
             labels = deployment["spec"]["template"]["metadata"]["labels"]
             assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
             ports = {p["name"] for p in worker_container(deployment)["ports"]}
@@ -302,7 +305,8 @@ def test_every_command_the_manifests_run_exists():
                 argv = command_of(c)
                 assert argv, f"{res['metadata']['name']}/{c['name']}: no command (the image's CMD is not checked here)"
                 seen.add(check_command(argv))
-    assert seen == {"workers start", "cli.py db upgrade", "cli.py db check", "cli.py prune", "deploy/docker/fetch_models.py"}
+    assert seen == {"workers start", "cli.py db upgrade", "cli.py db check", "cli.py prune", "cli.py console",
+                    "deploy/docker/fetch_models.py"}
 
 
 def test_a_wrong_command_is_caught():
@@ -362,7 +366,9 @@ def test_pools_cover_the_stage_graph_by_device(conn):
 def test_termination_grace_covers_the_longest_stage(conn):
     longest = conn.execute("SELECT max(timeout_s) AS s FROM stage_graph").fetchone()["s"]
     for overlay in OVERLAYS:
-        for deployment in by_kind(RENDERS[overlay], "Deployment").values():
+        for name, deployment in by_kind(RENDERS[overlay], "Deployment").items():
+            if name not in WORKER_POOLS:
+                continue
             grace = float(option(command_of(worker_container(deployment)), "--grace"))
             termination = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
             assert longest <= grace < termination, (overlay, deployment["metadata"]["name"], longest, grace, termination)

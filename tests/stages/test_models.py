@@ -1,8 +1,14 @@
 """Profiles, devices, loading (real weights fail fast offline; tiny ones are built here), OOM halving."""
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 from tests.stages import model_env  # noqa: F401  (offline environment first)
 
@@ -10,9 +16,10 @@ import pytest
 import torch
 
 from stages import models
-from tests.stages.model_env import clean_stage_env, cuda_available
+from tests.stages.model_env import clean_stage_env, cuda_available, save_onevision_checkpoint
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -58,14 +65,98 @@ def test_cuda_without_cuda_fails_clearly():
         models.load_vlm("tiny", "cuda")
 
 
-def test_real_vlm_missing_from_offline_cache_names_the_variable(monkeypatch):
+def closed_port() -> int:
+    """A local port nothing listens on: connecting is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Model loading that fails the test: a missing model must be refused before any download
+    client (and its retries) is started."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("from_pretrained was called")
+
+    for name in ("AutoProcessor", "AutoModelForImageTextToText", "AutoTokenizer", "AutoModelForSeq2SeqLM"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", refuse)
+
+
+def test_real_vlm_missing_from_offline_cache_names_the_variable(monkeypatch, no_loading):
     monkeypatch.setenv("VLM_MODEL", "no-such-org/no-such-vlm")
-    started = time.monotonic()
     with pytest.raises(models.ModelUnavailableError) as caught:
         models.load_vlm("real")
     message = str(caught.value)
     assert "VLM_MODEL" in message and "no-such-org/no-such-vlm" in message and "HF_HUB_OFFLINE" in message
-    assert time.monotonic() - started < 30  # failing fast: no download attempt, no retries
+
+
+@pytest.mark.parametrize("variable, load", [("VLM_MODEL", models.load_vlm), ("TRANSLATION_MODEL", models.load_translator)])
+def test_an_unreachable_hub_fails_at_once_naming_the_variable(monkeypatch, no_loading, variable, load):
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name)
+    from huggingface_hub import constants
+
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)  # what HF_ENDPOINT sets when the hub is imported
+    monkeypatch.setenv(variable, "no-such-org/no-such-model")
+    with pytest.raises(models.ModelUnavailableError) as caught:
+        load("real")
+    message = str(caught.value)
+    assert f"{variable}='no-such-org/no-such-model'" in message and endpoint in message and "unreachable" in message
+
+
+def test_the_hub_probe_connects_where_the_download_would(monkeypatch):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        listening = f"http://127.0.0.1:{server.getsockname()[1]}"
+        assert models.reachable(listening, timeout=2)
+        assert not models.reachable(f"http://127.0.0.1:{closed_port()}", timeout=2)
+        # Behind a proxy the connection goes to the proxy, so that is what must answer.
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port()}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        assert not models.reachable("http://hub.example.test", timeout=2)
+        monkeypatch.setenv("HTTP_PROXY", listening)
+        assert models.reachable("http://hub.example.test", timeout=2)
+
+
+def cli_env(tmp_path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MODEL_PROFILE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}",
+               DATABASE_URL="postgresql://nobody@127.0.0.1:1/none", ADFLOW_HOME=str(tmp_path / "home"), **extra)
+    return env
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["hub-unreachable", "offline"])
+def test_workers_start_refuses_missing_weights_at_once(tmp_path, offline):
+    """As an operator sees it: the worker exits at start with the variable and the id it tried,
+    without the download client's retries (which took over two minutes with the hub unreachable)."""
+    env = cli_env(tmp_path, VLM_MODEL="no-such-org/no-such-vlm", **({"HF_HUB_OFFLINE": "1"} if offline else {}))
+    done = subprocess.run([sys.executable, "cli.py", "workers", "start", "--stages", "vlm_analyze", "--models", "real",
+                           "--health-addr", ""], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "cannot start" in done.stderr and "VLM_MODEL='no-such-org/no-such-vlm'" in done.stderr
+    assert ("HF_HUB_OFFLINE" if offline else env["HF_ENDPOINT"]) in done.stderr
+    assert "Retrying" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_cached_model_loads_while_the_hub_is_unreachable(tmp_path, onevision_checkpoint):
+    """The hub down, the model in the Hugging Face cache: it loads from there, with no download attempt."""
+    snapshot = tmp_path / "hf" / "hub" / "models--adflow-test--tiny-onevision" / "snapshots" / ("0" * 40)
+    shutil.copytree(onevision_checkpoint, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    env = cli_env(tmp_path, VLM_MODEL="adflow-test/tiny-onevision", MODEL_PROFILE="real")
+    code = ("from stages import models; b = models.load_vlm(); "
+            "print(type(b.model).__name__, b.profile, b.name)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["LlavaOnevisionForConditionalGeneration", "real", "adflow-test/tiny-onevision"]
+    assert "unreachable; loading the cached copy" in done.stderr and "Retrying" not in done.stderr
 
 
 def test_real_model_path_that_does_not_exist(monkeypatch, tmp_path):
@@ -89,27 +180,14 @@ def test_real_yolo_missing_offline_does_not_download(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """The tiny VLM saved as a pretrained checkpoint: a real-profile local directory."""
-    folder = tmp_path_factory.mktemp("vlm-checkpoint")
-    bundle = models.load_vlm("tiny")
-    bundle.processor.save_pretrained(folder)
-    bundle.model.save_pretrained(folder)
-    return folder, bundle
+def onevision_checkpoint(tmp_path_factory):
+    """A tiny random LLaVA-OneVision saved like a hub checkpoint (tests/stages/test_real_path.py uses it
+    through every stage)."""
+    return save_onevision_checkpoint(tmp_path_factory.mktemp("vlm-checkpoint"))
 
 
-def test_real_profile_loads_a_local_checkpoint(monkeypatch, tiny_checkpoint):
-    folder, tiny = tiny_checkpoint
-    monkeypatch.setenv("VLM_MODEL", str(folder))
-    bundle = models.load_vlm("real")
-    assert bundle.profile == "real" and bundle.name == str(folder)
-    assert bundle.tokenizer.padding_side == "left"
-    for name, tensor in tiny.model.state_dict().items():
-        assert torch.equal(bundle.model.state_dict()[name], tensor), name
-
-
-def test_real_profile_refuses_a_checkpoint_without_weights(monkeypatch, tiny_checkpoint, tmp_path):
-    folder, _ = tiny_checkpoint
+def test_real_profile_refuses_a_checkpoint_without_weights(monkeypatch, onevision_checkpoint, tmp_path):
+    folder = onevision_checkpoint
     for item in folder.iterdir():
         if not item.name.endswith(".safetensors"):
             (tmp_path / item.name).write_bytes(item.read_bytes())
@@ -118,10 +196,10 @@ def test_real_profile_refuses_a_checkpoint_without_weights(monkeypatch, tiny_che
         models.load_vlm("real")
 
 
-def test_real_profile_refuses_a_checkpoint_with_missing_weights(monkeypatch, tiny_checkpoint, tmp_path):
+def test_real_profile_refuses_a_checkpoint_with_missing_weights(monkeypatch, onevision_checkpoint, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    folder, _ = tiny_checkpoint
+    folder = onevision_checkpoint
     for item in folder.iterdir():
         (tmp_path / item.name).write_bytes(item.read_bytes())
     weights = load_file(folder / "model.safetensors")
