@@ -5,6 +5,7 @@ import signal
 import time
 
 import psycopg
+import pytest
 
 from outbox.artifacts import open_store
 from outbox.jobs import submit_job
@@ -149,3 +150,16 @@ def test_listener_switched_off_runs_nothing(conn, db_url, home, tiny_png, tmp_pa
     finally:
         assert worker.stop() == 0
     assert conn.execute("SELECT status FROM stage_tasks WHERE job_id = %s", (job,)).fetchone()["status"] == "queued"
+
+
+@pytest.mark.parametrize("after_s", [0.0, 0.05, 0.1, 0.2, 0.4, 0.8])
+def test_sigterm_while_starting_ends_the_worker_cleanly(db_url, tmp_path, after_s):
+    """A rolling update or a scale-down may stop a worker that is still importing or loading: it
+    end at once, not ignore the signal (a SystemExit raised inside an import's callback was printed
+    and dropped, and the worker then ran until SIGKILL). Exit 0, or killed by the SIGTERM itself
+    when it came before the interpreter had any handler."""
+    worker = WorkerProcess(db_url, tmp_path / "w.log")
+    time.sleep(after_s)
+    worker.signal(signal.SIGTERM)
+    assert worker.proc.wait(30) in (0, -signal.SIGTERM), worker.output()
+    assert "Exception ignored" not in worker.output()

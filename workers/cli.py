@@ -122,7 +122,10 @@ def start(
         # cleanly (exit 0): nothing is claimed yet, and loading models can take minutes. A
         # worker stopped while starting (a rolling update, a scale-down) is not a failure.
         log.info("stopped by %s while starting", signal.Signals(signum).name)
-        raise SystemExit(0)
+        logging.shutdown()
+        # os._exit: a SystemExit raised inside a callback (an import's, a finaliser's) is printed
+        # and ignored, and the stop would be lost.
+        os._exit(0)
 
     signal.signal(signal.SIGTERM, stop_before_start)
     device = "cuda" if gpu else "cpu"
