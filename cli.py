@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,6 +20,7 @@ import typer
 from console.exitcodes import ExitCode
 from outbox import config, db
 from outbox.jobs import InvalidInput, NotFound
+from outbox.views import parse_age
 from workers.cli import app as workers_app
 
 app = typer.Typer(help="Polling-free pipeline engine on PostgreSQL for AI-generated ad creatives.",
@@ -471,8 +472,10 @@ def parse_since(value: str | None) -> datetime | None:
     """An ISO timestamp or an age like 30m, 2h, 7d."""
     if not value:
         return None
-    if value[-1:] in AGE_UNITS and value[:-1].isdigit():
+    try:
         return datetime.now(timezone.utc) - parse_age(value)
+    except InvalidInput:
+        pass
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -582,15 +585,6 @@ def cancel(job: str = typer.Argument(..., help="The job: id, unique prefix or 'l
                    + (f" ({done.tasks} leftover task(s) cancelled now)" if done.tasks else ""))
     else:
         typer.echo(f"job {job_id} cancelled ({done.tasks} task(s) cancelled)")
-
-
-AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_age(value: str) -> timedelta:
-    if value[-1:] in AGE_UNITS and value[:-1].isdigit():
-        return timedelta(seconds=int(value[:-1]) * AGE_UNITS[value[-1]])
-    raise InvalidInput(f"age {value!r}: give a number and a unit, e.g. 90m, 12h, 30d")
 
 
 @app.command()

@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
 from psycopg import Connection
 
 from outbox.jobs import InvalidInput, NotFound, job_detail as _job_detail, validate_tenant, validate_uuid
+
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_age(value: str) -> timedelta:
+    """An age as operators type it (90m, 12h, 30d): the CLI's --since/--older-than and the web
+    console's filters read it the same way."""
+    value = value.strip()
+    if value[-1:] in AGE_UNITS and value[:-1].isdigit():
+        return timedelta(seconds=int(value[:-1]) * AGE_UNITS[value[-1]])
+    raise InvalidInput(f"age {value!r}: give a number and a unit, e.g. 90m, 12h, 30d")
 
 JOB_STATES = ("open", "done", "failed", "cancelled")
 # What outbox_variant_state returns. "queued" covers a variant that has not started and one that

@@ -52,8 +52,6 @@ APPLICATION_NAME = "adflow-console"
 KEEPALIVE_S = 20.0
 JOB_INTERVAL_S = 0.4
 GLOBAL_INTERVAL_S = 2.0
-AGE = re.compile(r"^(\d+)\s*([smhd])$")
-AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
                                  b"script-src 'self'; connect-src 'self'; frame-ancestors 'none'; form-action 'self'; "
@@ -143,10 +141,7 @@ def connection(request: Request):
 def since_seconds(value: str | None) -> float | None:
     if not value:
         return None
-    match = AGE.match(value.strip())
-    if not match:
-        raise InvalidInput(f"since {value!r}: give a number and a unit, e.g. 90m, 12h, 30d")
-    return float(int(match[1]) * AGE_UNITS[match[2]])
+    return views.parse_age(value).total_seconds()
 
 
 def optional(value: str | None) -> str | None:
