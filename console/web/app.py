@@ -28,7 +28,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from console.web import live, queries
+from console.web import live
 from console.web.jobview import JobView, job_keys
 from console.web.security import (CSRF_COOKIE, CSRF_FIELD, LOCAL_IDENTITY, SESSION_COOKIE, Access, new_nonce)
 from outbox import config, db, views
@@ -178,7 +178,7 @@ def checked_stage(conn, stage: str | None) -> str | None:
 def overview_page(request: Request) -> Response:
     with connection(request) as conn:
         data = overview(conn)
-        hour = queries.last_hour(conn)
+        hour = views.last_hour(conn)
         workers = views.list_workers(conn)
     for stage in data["stages"]:
         counts = hour.get(stage["stage"], {})
