@@ -67,7 +67,7 @@ def claim_rate(url: str, queued: int, complete: bool) -> float:
     def claimer(i: int) -> None:
         with psycopg.connect(url, autocommit=True) as conn:
             while True:
-                rows = conn.execute("SELECT id, attempt FROM outbox_claim(%s, %s, %s, 30, NULL) WHERE id IS NOT NULL",
+                rows = conn.execute("SELECT id, attempt FROM outbox_claim_v2(%s, %s, %s, 30, NULL) WHERE id IS NOT NULL",
                                     (f"bench{i}", ["vlm_analyze"], BATCH)).fetchall()
                 if not rows:
                     return

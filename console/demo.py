@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from outbox import config, db
+from outbox import config, db, jobs
 from workers import launch
 
 REAL_WEIGHT_VARIABLES = ("VLM_MODEL", "YOLO_MODEL", "TRANSLATION_MODEL")
@@ -210,7 +210,7 @@ def run_demo(out: TextIO, workers: int = 2, concurrency: int = 4, profile: str |
 
     previous = {sig: signal.signal(sig, handler) for sig, handler in
                 ((signal.SIGINT, interrupt), (signal.SIGTERM, interrupt), (signal.SIGUSR1, workers_died))}
-    conn = lookup = None
+    conn = lookup = job_id = None
     started = time.monotonic()
     try:
         demo.describe_models()
@@ -244,6 +244,15 @@ def run_demo(out: TextIO, workers: int = 2, concurrency: int = 4, profile: str |
     except WorkersDied:
         out.flush()  # the progress so far first, then the error under it
         tail = demo.log_path.read_text(errors="replace").splitlines()[-15:] if demo.log_path.exists() else []
+        if conn is not None and job_id is not None:
+            # Nobody is left to finish it: say so in the database, where `status` and the report
+            # look, instead of leaving it running forever.
+            try:
+                ended = jobs.fail_job(conn, job_id, f"the demo's worker processes exited before the job "
+                                                    f"finished (see {demo.log_path})")
+                err.write(f"\njob {job_id[:8]} marked failed ({ended} unfinished tasks)\n")
+            except Exception as exc:  # the database may be what killed the workers
+                err.write(f"\njob {job_id[:8]} could not be marked failed: {exc}\n")
         err.write("\nerror: the worker processes exited before the job finished. Last lines of "
                   f"{demo.log_path}:\n" + "\n".join(f"    {line}" for line in tail) + "\n")
         if demo.profile == "real":

@@ -16,7 +16,7 @@ from outbox.artifacts import INSERT_ARTIFACT
 from outbox.errors import describe_error
 
 COMPLETE_MANY = "SELECT outbox_complete_many(%s, %s) AS accepted"
-COMPLETE_CLAIM = "SELECT * FROM outbox_complete_claim(%s, %s, %s, %s, %s, %s)"
+COMPLETE_CLAIM = "SELECT * FROM outbox_complete_claim_v2(%s, %s, %s, %s, %s, %s)"
 DROP_REFUSED = "DELETE FROM artifacts WHERE key = ANY (%s)"
 # First in a completion's explicit transaction (one with artifacts). A connection can freeze
 # half-open between its statements (the fault suite's proxy does it): the server then holds the

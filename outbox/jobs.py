@@ -149,6 +149,12 @@ def image_source(path: Path) -> Path:
     return path
 
 
+# A task as `status JOB`, the report and the console show it (alias t: stage_tasks).
+TASK_COLUMNS = ("t.id, t.job_variants_id::text AS variant_id, t.stage, t.status, t.attempts, t.max_attempts, "
+                "t.last_error, t.error_details, t.lease_owner, t.lease_expires_at, t.created_at, t.started_at, "
+                "t.finished_at, t.run_after, t.attempt_log")
+
+
 def job_detail(conn: Connection, job_id: str) -> dict:
     """The job row, its variants and its tasks in pipeline order. `state` (the job's and each
     variant's) is the database's rule (migration 0004): a variant is done only at its last stage,
@@ -164,9 +170,7 @@ def job_detail(conn: Connection, job_id: str) -> dict:
         "outbox_variant_state(status, current_step) AS state, selected, updated_at "
         "FROM jobs_variants WHERE job_id = %s ORDER BY creation_order", (job_id,)).fetchall()
     job["tasks"] = conn.execute(
-        "SELECT t.id, t.job_variants_id::text AS variant_id, v.creation_order, t.stage, t.status, t.attempts, "
-        "t.max_attempts, t.last_error, t.error_details, t.lease_owner, t.lease_expires_at, t.created_at, "
-        "t.started_at, t.finished_at, t.run_after "
+        f"SELECT {TASK_COLUMNS}, v.creation_order "
         "FROM stage_tasks t JOIN stage_graph g ON g.stage = t.stage "
         "LEFT JOIN jobs_variants v ON v.job_variants_id = t.job_variants_id "
         "WHERE t.job_id = %s ORDER BY g.position, v.creation_order NULLS FIRST", (job_id,)).fetchall()
@@ -250,3 +254,17 @@ def cancel_job(conn: Connection, job_id: str) -> Cancelled:
     except psycopg.errors.ObjectNotInPrerequisiteState as exc:
         raise InvalidInput(exc.diag.message_primary) from None
     return Cancelled(row["already_cancelled"], row["tasks"])
+
+
+def fail_job(conn: Connection, job_id: str, reason: str) -> int:
+    """Ends a job nobody will finish as failed, with `reason` on every task it still had queued
+    or running (outbox_fail_job, one transaction); a finished job is left as it is. Returns the
+    tasks it ended."""
+    import psycopg
+
+    job_id = validate_uuid(job_id, "job id")
+    try:
+        with conn.transaction():
+            return conn.execute("SELECT outbox_fail_job(%s, %s) AS n", (job_id, reason)).fetchone()["n"]
+    except psycopg.errors.NoDataFound:
+        raise NotFound(f"no job {job_id}") from None

@@ -12,7 +12,8 @@ WORKER_CHANNEL = "outbox_stage_tasks"
 VARIANT_CHANNEL = "job_variant_state_changed"
 JOB_CHANNEL = "job_state_changed"
 
-CLAIM = "SELECT * FROM outbox_claim(%s, %s, %s, %s, %s, %s)"
+# v2: the claim with its queue wait (migration 0006); outbox_claim answers the previous release.
+CLAIM = "SELECT * FROM outbox_claim_v2(%s, %s, %s, %s, %s, %s)"
 FAIL = "SELECT outbox_fail(%s, %s, %s, %s, %s, %s, %s) AS outcome"
 RESCUE_EXPIRED = "SELECT * FROM outbox_rescue_expired(%s)"
 NEXT_DEADLINE = "SELECT outbox_next_deadline(%s, %s) AS seconds"
@@ -43,13 +44,15 @@ class ClaimedTask:
     inputs: dict = field(default_factory=dict, compare=False, repr=False)
     # Runs alone: its worker died under it before and this is its last attempt (outbox_claim).
     alone: bool = False
+    # Seconds from the moment it became claimable (enqueued, or its retry time) to this claim.
+    waited_s: float | None = None
 
     @classmethod
     def from_row(cls, row: dict) -> "ClaimedTask":
         return cls(id=row["id"], job_id=str(row["job_id"]),
                    variant_id=str(row["job_variants_id"]) if row["job_variants_id"] else None,
                    stage=row["stage"], attempt=row["attempt"], max_attempts=row["max_attempts"],
-                   alone=bool(row.get("alone")),
+                   alone=bool(row.get("alone")), waited_s=row.get("waited_s"),
                    tenant_id=row["tenant_id"], inputs={k: row[k] for k in INPUT_COLUMNS})
 
     @property

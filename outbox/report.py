@@ -10,10 +10,8 @@ from typing import Callable
 from psycopg import Connection
 
 from outbox.artifacts import ArtifactStore, read_asset
-from outbox.jobs import NotFound, validate_uuid
+from outbox.jobs import TASK_COLUMNS, NotFound, validate_uuid
 
-TASK_COLUMNS = ("t.id, t.job_variants_id::text AS variant_id, t.stage, t.status, t.attempts, t.max_attempts, "
-                "t.last_error, t.error_details, t.created_at, t.started_at, t.finished_at, t.run_after")
 
 
 def latest_job_id(conn: Connection) -> str:

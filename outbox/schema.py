@@ -113,6 +113,8 @@ stage_tasks = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now()),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
+    # Every ended attempt, oldest first (migration 0006, outbox_attempt_ended).
+    Column("attempt_log", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
     CheckConstraint(_status_check),
     Index("stage_tasks_variant_stage_key", "job_variants_id", "stage", unique=True,
           postgresql_where=text("job_variants_id IS NOT NULL")),

@@ -23,7 +23,9 @@ def claim(conn, owner="w1", stages=None, limit=10, lease=30.0, task_id=None, alo
     """alone: the claimer has nothing in flight (it may take a task that must run alone)."""
     stages = stages or ["vlm_analyze", "yolo_detect", "planner", "overlay", "vlm_judge", "ocr_eval",
                         "readability_eval", "iou_eval", "ad_copy_gen_kor", "instagram_feed_gen"]
-    rows = conn.execute("SELECT * FROM outbox_claim(%s, %s, %s, %s, %s, %s)",
+    from outbox.queue import CLAIM
+
+    rows = conn.execute(CLAIM,
                         (owner, stages, limit, lease, task_id, alone)).fetchall()
     if rows_out is not None:
         rows_out.extend(rows)

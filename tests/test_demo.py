@@ -4,6 +4,7 @@ Ctrl-C leaves no process or lock behind."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import signal
@@ -109,4 +110,24 @@ def test_ctrl_c_stops_workers_and_database_and_leaves_nothing(tmp_path):
     assert "Traceback" not in rest
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert_nothing_left(home)
+
+
+def test_a_demo_whose_workers_die_marks_its_job_failed(tmp_path):
+    # Real weights that are not on this machine: the workers exit within seconds of the job's
+    # submission, and the job must not stay `running` with nobody to finish it.
+    home = tmp_path / "home"
+    env = {**demo_env(home), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", "--models", "real"], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=280)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "the worker processes exited before the job finished" in done.stderr
+    assert re.search(r"job [0-9a-f]{8} marked failed \(\d+ unfinished tasks\)", done.stderr), done.stderr
+    status = subprocess.run([sys.executable, str(ROOT / "cli.py"), "status", "latest", "--json"], cwd=ROOT,
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert status.returncode == 0, status.stdout + status.stderr
+    job = json.loads(status.stdout)
+    assert job["state"] == "failed" and {v["state"] for v in job["variants"]} == {"failed"}
+    assert job["tasks"] and {t["status"] for t in job["tasks"]} == {"failed"}
+    assert all("worker processes exited" in t["last_error"] for t in job["tasks"])
     assert_nothing_left(home)

@@ -170,3 +170,63 @@ def test_a_task_that_lost_its_worker_runs_its_last_attempt_alone(conn):
     assert len(others) == 2 and not any(r["alone"] for r in others)
     row = conn.execute("SELECT expired_leases FROM stage_tasks WHERE id = %s", (task["id"],)).fetchone()
     assert row["expired_leases"] == 2
+
+
+def attempt_log(conn, task_id: int) -> list[dict]:
+    return conn.execute("SELECT attempt_log FROM stage_tasks WHERE id = %s", (task_id,)).fetchone()["attempt_log"]
+
+
+def test_every_attempt_is_kept_with_its_worker_outcome_and_error(conn):
+    insert_job(conn, variants=1)
+    [first] = claim(conn, owner="w-a", lease=0.01)
+    time.sleep(0.05)
+    assert [r["outcome"] for r in conn.execute(queue.RESCUE_EXPIRED, (100,)).fetchall()] == ["requeued"]
+    [second] = claim(conn, owner="w-b")
+    assert fail(conn, second, owner="w-b", error="CUDA out of memory", retry_in=0) == "retry"
+    [third] = claim(conn, owner="w-c")
+    assert complete(conn, third, owner="w-c") is True
+    log = attempt_log(conn, first["id"])
+    assert [(e["attempt"], e["worker"], e["outcome"]) for e in log] == [
+        (1, "w-a", "lease expired"), (2, "w-b", "retry"), (3, "w-c", "done")]
+    assert "w-a stopped" in log[0]["error"] and log[1]["error"] == "CUDA out of memory" and log[2]["error"] is None
+    assert all(e["started_at"] and e["ended_at"] and e["started_at"] <= e["ended_at"] for e in log)
+
+
+def test_a_refused_completion_or_a_cancel_ends_the_attempt_as_cancelled(conn):
+    job, _ = insert_job(conn, variants=2)
+    running = claim(conn, owner="w1", limit=2)
+    assert complete(conn, running[0]) is True  # the second one is still running at the cancel
+    conn.execute("SELECT * FROM outbox_cancel(%s)", (job,))
+    assert complete(conn, running[1]) is False
+    assert [e["outcome"] for e in attempt_log(conn, running[1]["id"])] == ["cancelled"]
+    assert [e["outcome"] for e in attempt_log(conn, running[0]["id"])] == ["done"]
+
+
+def test_the_claim_says_how_long_each_task_waited(conn):
+    insert_job(conn, variants=2)
+    conn.execute("UPDATE stage_tasks SET run_after = now() - interval '7 s' WHERE status = 'queued'")
+    rows = claim(conn, limit=2)
+    assert len(rows) == 2 and all(7 <= r["waited_s"] < 60 for r in rows), rows
+    # The previous release's claim keeps its columns (rolling updates: tests/test_rolling_upgrade.py).
+    insert_job(conn, variants=1)
+    [old] = conn.execute("SELECT * FROM outbox_claim('w2', ARRAY['vlm_analyze'], 1, 30) WHERE id IS NOT NULL").fetchall()
+    assert "waited_s" not in old and old["stage"] == "vlm_analyze"
+
+
+def test_failing_a_job_ends_its_unfinished_tasks_and_starts_no_job_stage(conn):
+    from outbox import jobs
+
+    job, _ = insert_job(conn, variants=3)
+    [running] = claim(conn, limit=1)
+    assert jobs.fail_job(conn, job, "workers gone") == 3
+    tasks = conn.execute("SELECT status, last_error, attempt_log FROM stage_tasks WHERE job_id = %s", (job,)).fetchall()
+    assert {t["status"] for t in tasks} == {"failed"} and {t["last_error"] for t in tasks} == {"workers gone"}
+    assert sorted(len(t["attempt_log"]) for t in tasks) == [0, 0, 1]  # only the running one had an attempt
+    state = conn.execute("SELECT outbox_job_state(status, current_step) AS s FROM jobs WHERE job_id = %s", (job,)).fetchone()
+    assert state["s"] == "failed"
+    assert conn.execute("SELECT count(*) AS n FROM jobs_variants WHERE job_id = %s AND status <> 'failed'",
+                        (job,)).fetchone()["n"] == 0
+    assert complete(conn, running) is False  # the late worker's result is refused
+    assert jobs.fail_job(conn, job, "again") == 0  # a finished job is left as it is
+    assert conn.execute("SELECT count(*) AS n FROM stage_tasks WHERE job_id = %s AND job_variants_id IS NULL",
+                        (job,)).fetchone()["n"] == 0

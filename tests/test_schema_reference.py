@@ -26,7 +26,7 @@ def test_the_reference_holds_the_engine_s_entry_points(conn):
     """The file a newcomer reads: the claim, the fenced completion, the fan-in and the triggers
     that enqueue, each in its head definition."""
     text = schema_reference.REFERENCE.read_text()
-    for name in ("FUNCTION public.outbox_claim(", "FUNCTION public.outbox_complete_many(",
+    for name in ("FUNCTION public.outbox_claim_v2(", "FUNCTION public.outbox_claim(", "FUNCTION public.outbox_complete_many(",
                  "FUNCTION public.outbox_fan_in(", "CREATE TRIGGER", "INSERT INTO stage_graph VALUES ('vlm_analyze'"):
         assert name in text, name
-    assert text.count("CREATE OR REPLACE FUNCTION public.outbox_claim(") == 1
+    assert text.count("CREATE OR REPLACE FUNCTION public.outbox_claim_v2(") == 1

@@ -84,6 +84,7 @@
 --   created_at timestamp with time zone NOT NULL DEFAULT now()
 --   started_at timestamp with time zone
 --   finished_at timestamp with time zone
+--   attempt_log jsonb NOT NULL DEFAULT '[]'::jsonb
 
 -- workers
 --   id text NOT NULL
@@ -273,6 +274,16 @@ BEGIN
     RETURN NULL;
 END $function$;
 
+CREATE OR REPLACE FUNCTION public.outbox_attempt_ended(p_task stage_tasks, p_outcome text, p_error text)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT p_task.attempt_log || jsonb_build_object(
+        'attempt', p_task.attempts, 'worker', p_task.lease_owner, 'started_at', p_task.started_at,
+        'ended_at', now(), 'outcome', p_outcome, 'error', p_error)
+$function$;
+
 CREATE OR REPLACE FUNCTION public.outbox_cancel(p_job uuid, OUT already_cancelled boolean, OUT tasks integer)
  RETURNS record
  LANGUAGE plpgsql
@@ -317,9 +328,7 @@ BEGIN
     IF v_job.status = 'cancelled' THEN
         RAISE EXCEPTION 'job % is already cancelled', p_job USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
-    IF v_job.status = 'failed' OR (v_job.status = 'done' AND v_job.current_step IN (
-           SELECT g.stage FROM stage_graph g WHERE g.level = 'job' AND NOT EXISTS (
-               SELECT 1 FROM stage_graph n WHERE n.level = 'job' AND n.after_step = g.stage))) THEN
+    IF outbox_job_state(v_job.status, v_job.current_step) <> 'open' THEN
         RAISE EXCEPTION 'job % already finished (% %): nothing to cancel', p_job, v_job.current_step, v_job.status
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
@@ -338,7 +347,9 @@ DECLARE
 BEGIN
     UPDATE stage_tasks
     SET status = 'cancelled', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-        last_error = 'job cancelled'
+        last_error = 'job cancelled',
+        attempt_log = CASE WHEN status = 'running' THEN outbox_attempt_ended(stage_tasks, 'cancelled', 'job cancelled')
+                           ELSE attempt_log END
     WHERE id IN (SELECT s.id FROM stage_tasks s WHERE s.job_id = p_job AND s.status IN ('queued', 'running')
                  FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -359,7 +370,9 @@ DECLARE
 BEGIN
     UPDATE stage_tasks
     SET status = 'cancelled', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-        last_error = 'job cancelled'
+        last_error = 'job cancelled',
+        attempt_log = CASE WHEN status = 'running' THEN outbox_attempt_ended(stage_tasks, 'cancelled', 'job cancelled')
+                           ELSE attempt_log END
     WHERE job_id = p_job AND status IN ('queued', 'running');
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
@@ -367,6 +380,17 @@ END $function$;
 
 CREATE OR REPLACE FUNCTION public.outbox_claim(p_owner text, p_stages text[], p_limit integer, p_lease_s double precision, p_task_id bigint DEFAULT NULL::bigint, p_alone boolean DEFAULT false)
  RETURNS TABLE(id bigint, job_id uuid, job_variants_id uuid, stage text, attempt integer, max_attempts integer, tenant_id character varying, ad_copy text, img_asset_id uuid, asset_uri text, asset_tenant character varying, results jsonb, variants jsonb, next_deadline_s double precision, alone boolean, suspect_waiting boolean)
+ LANGUAGE sql
+ SET jit TO 'off'
+AS $function$
+    SELECT c.id, c.job_id, c.job_variants_id, c.stage, c.attempt, c.max_attempts, c.tenant_id,
+           c.ad_copy, c.img_asset_id, c.asset_uri, c.asset_tenant, c.results, c.variants,
+           c.next_deadline_s, c.alone, c.suspect_waiting
+    FROM outbox_claim_v2(p_owner, p_stages, p_limit, p_lease_s, p_task_id, p_alone) c
+$function$;
+
+CREATE OR REPLACE FUNCTION public.outbox_claim_v2(p_owner text, p_stages text[], p_limit integer, p_lease_s double precision, p_task_id bigint DEFAULT NULL::bigint, p_alone boolean DEFAULT false)
+ RETURNS TABLE(id bigint, job_id uuid, job_variants_id uuid, stage text, attempt integer, max_attempts integer, tenant_id character varying, ad_copy text, img_asset_id uuid, asset_uri text, asset_tenant character varying, results jsonb, variants jsonb, next_deadline_s double precision, alone boolean, suspect_waiting boolean, waited_s double precision)
  LANGUAGE plpgsql
  SET enable_bitmapscan TO 'off'
  SET enable_seqscan TO 'off'
@@ -420,7 +444,7 @@ BEGIN
             lease_expires_at = now() + make_interval(secs => p_lease_s),
             started_at = now(), finished_at = NULL
         FROM picked WHERE t.id = picked.id
-        RETURNING t.id, t.job_id, t.job_variants_id, t.stage, t.attempts, t.max_attempts
+        RETURNING t.id, t.job_id, t.job_variants_id, t.stage, t.attempts, t.max_attempts, t.run_after
     ), variant_rows AS (
         UPDATE jobs_variants v SET status = 'running', current_step = c.stage
         FROM claimed c WHERE v.job_variants_id = c.job_variants_id AND v.status IS DISTINCT FROM 'cancelled'
@@ -445,7 +469,8 @@ BEGIN
                         '{}'::jsonb)
                    FROM jobs_variants vv WHERE vv.job_id = c.job_id)
            END,
-           NULL::double precision, coalesce(c.id = v_suspect, false), NULL::boolean
+           NULL::double precision, coalesce(c.id = v_suspect, false), NULL::boolean,
+           greatest(extract(epoch FROM now() - c.run_after)::double precision, 0)
     FROM claimed c
     JOIN jobs j ON j.job_id = c.job_id
     LEFT JOIN job_inputs ji ON ji.job_id = c.job_id
@@ -457,7 +482,8 @@ BEGIN
         RETURN QUERY SELECT NULL::bigint, NULL::uuid, NULL::uuid, NULL::text, NULL::integer,
                             NULL::integer, NULL::varchar, NULL::text, NULL::uuid, NULL::text,
                             NULL::varchar, NULL::jsonb, NULL::jsonb,
-                            outbox_next_deadline(p_stages, p_owner), NULL::boolean, v_waiting;
+                            outbox_next_deadline(p_stages, p_owner), NULL::boolean, v_waiting,
+                            NULL::double precision;
     END IF;
 END $function$;
 
@@ -470,7 +496,8 @@ DECLARE
     t stage_tasks%ROWTYPE;
 BEGIN
     UPDATE stage_tasks
-    SET status = 'done', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL
+    SET status = 'done', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+        attempt_log = outbox_attempt_ended(stage_tasks, 'done', NULL)
     WHERE stage_tasks.id = p_task_id AND status = 'running'
       AND lease_owner = p_owner AND attempts = p_attempt
     RETURNING * INTO t;
@@ -478,7 +505,9 @@ BEGIN
         RETURN false;
     END IF;
     IF EXISTS (SELECT 1 FROM jobs WHERE jobs.job_id = t.job_id AND status = 'cancelled') THEN
-        UPDATE stage_tasks SET status = 'cancelled', last_error = 'job cancelled; result dropped'
+        UPDATE stage_tasks SET status = 'cancelled', last_error = 'job cancelled; result dropped',
+            attempt_log = jsonb_set(attempt_log, '{-1}', attempt_log->-1
+                                    || '{"outcome": "cancelled", "error": "job cancelled; result dropped"}')
         WHERE stage_tasks.id = t.id;
         RETURN false;
     END IF;
@@ -503,6 +532,17 @@ DECLARE
     v_accepted bigint[] := outbox_complete_many(p_owner, p_items);
 BEGIN
     RETURN QUERY SELECT c.*, v_accepted FROM outbox_claim(p_owner, p_stages, p_limit, p_lease_s, NULL, p_alone) c;
+END $function$;
+
+CREATE OR REPLACE FUNCTION public.outbox_complete_claim_v2(p_owner text, p_items jsonb, p_stages text[], p_limit integer, p_lease_s double precision, p_alone boolean)
+ RETURNS TABLE(id bigint, job_id uuid, job_variants_id uuid, stage text, attempt integer, max_attempts integer, tenant_id character varying, ad_copy text, img_asset_id uuid, asset_uri text, asset_tenant character varying, results jsonb, variants jsonb, next_deadline_s double precision, alone boolean, suspect_waiting boolean, waited_s double precision, accepted bigint[])
+ LANGUAGE plpgsql
+ SET jit TO 'off'
+AS $function$
+DECLARE
+    v_accepted bigint[] := outbox_complete_many(p_owner, p_items);
+BEGIN
+    RETURN QUERY SELECT c.*, v_accepted FROM outbox_claim_v2(p_owner, p_stages, p_limit, p_lease_s, NULL, p_alone) c;
 END $function$;
 
 CREATE OR REPLACE FUNCTION public.outbox_complete_many(p_owner text, p_items jsonb)
@@ -569,23 +609,57 @@ BEGIN
     IF EXISTS (SELECT 1 FROM jobs WHERE jobs.job_id = t.job_id AND status = 'cancelled') THEN
         UPDATE stage_tasks
         SET status = 'cancelled', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-            last_error = p_error, error_details = p_details
+            last_error = p_error, error_details = p_details,
+            attempt_log = outbox_attempt_ended(t, 'cancelled', p_error)
         WHERE stage_tasks.id = t.id;
         RETURN 'lost';
     END IF;
     IF p_permanent OR t.attempts >= t.max_attempts THEN
         UPDATE stage_tasks
         SET status = 'failed', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-            last_error = p_error, error_details = p_details
+            last_error = p_error, error_details = p_details,
+            attempt_log = outbox_attempt_ended(t, 'failed', p_error)
         WHERE stage_tasks.id = t.id;
         PERFORM outbox_set_owner_state(t, 'failed');
         RETURN 'failed';
     END IF;
     UPDATE stage_tasks
     SET status = 'queued', run_after = now() + make_interval(secs => p_retry_in_s),
-        lease_owner = NULL, lease_expires_at = NULL, last_error = p_error, error_details = p_details
+        lease_owner = NULL, lease_expires_at = NULL, last_error = p_error, error_details = p_details,
+        attempt_log = outbox_attempt_ended(t, 'retry', p_error)
     WHERE stage_tasks.id = t.id;
     RETURN 'retry';
+END $function$;
+
+CREATE OR REPLACE FUNCTION public.outbox_fail_job(p_job uuid, p_error text)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SET jit TO 'off'
+AS $function$
+DECLARE
+    v_job jobs%ROWTYPE;
+    n integer;
+BEGIN
+    PERFORM outbox_mark_engine_write();
+    PERFORM 1 FROM jobs_variants WHERE job_id = p_job ORDER BY job_variants_id FOR NO KEY UPDATE;
+    SELECT * INTO v_job FROM jobs WHERE job_id = p_job FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no job %', p_job USING ERRCODE = 'no_data_found';
+    END IF;
+    IF outbox_job_state(v_job.status, v_job.current_step) <> 'open' THEN
+        RETURN 0;
+    END IF;
+    UPDATE jobs SET status = 'failed' WHERE job_id = p_job;
+    UPDATE stage_tasks
+    SET status = 'failed', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+        last_error = p_error, error_details = jsonb_build_object('reason', 'job failed by its owner'),
+        attempt_log = CASE WHEN status = 'running' THEN outbox_attempt_ended(stage_tasks, 'abandoned', p_error)
+                           ELSE attempt_log END
+    WHERE job_id = p_job AND status IN ('queued', 'running');
+    GET DIAGNOSTICS n = ROW_COUNT;
+    UPDATE jobs_variants SET status = 'failed'
+    WHERE job_id = p_job AND NOT outbox_variant_is_terminal(status, current_step);
+    RETURN n;
 END $function$;
 
 CREATE OR REPLACE FUNCTION public.outbox_fan_in(p_job uuid)
@@ -859,6 +933,7 @@ CREATE OR REPLACE FUNCTION public.outbox_rescue_expired(p_limit integer DEFAULT 
 AS $function$
 DECLARE
     t stage_tasks%ROWTYPE;
+    v_log jsonb;
 BEGIN
     PERFORM outbox_mark_engine_write();
     -- Oldest expiries first, then handled in the completions' lock order (job, variant): a
@@ -872,16 +947,20 @@ BEGIN
         ORDER BY expired.job_id, expired.job_variants_id NULLS LAST, expired.id
     LOOP
         id := t.id;
+        v_log := outbox_attempt_ended(t, 'lease expired',
+                                      format('lease expired (worker %s stopped: crash, kill or lost connection)',
+                                             t.lease_owner));
         IF EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = t.job_id AND j.status = 'cancelled') THEN
             UPDATE stage_tasks s
             SET status = 'cancelled', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-                expired_leases = t.expired_leases + 1, last_error = 'job cancelled (lease expired)'
+                expired_leases = t.expired_leases + 1, last_error = 'job cancelled (lease expired)',
+                attempt_log = v_log
             WHERE s.id = t.id;
             outcome := 'cancelled';
         ELSIF t.attempts >= t.max_attempts THEN
             UPDATE stage_tasks s
             SET status = 'failed', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-                expired_leases = t.expired_leases + 1,
+                expired_leases = t.expired_leases + 1, attempt_log = v_log,
                 last_error = format('lease expired at attempt %s of %s (worker %s stopped: crash, kill or lost connection)',
                                     t.attempts, t.max_attempts, t.lease_owner)
             WHERE s.id = t.id;
@@ -890,7 +969,7 @@ BEGIN
         ELSE
             UPDATE stage_tasks s
             SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL,
-                expired_leases = t.expired_leases + 1,
+                expired_leases = t.expired_leases + 1, attempt_log = v_log,
                 last_error = format('lease expired at attempt %s (worker %s stopped); requeued',
                                     t.attempts, t.lease_owner),
                 -- run_after no longer tells when it was requeued: say it here (operators, the fault suite).
