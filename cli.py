@@ -19,6 +19,7 @@ import typer
 
 from console.exitcodes import ExitCode
 from outbox import config, db
+from outbox import graph as stage_graph
 from outbox.jobs import InvalidInput, NotFound
 from outbox.views import parse_age
 from workers.cli import app as workers_app
@@ -205,7 +206,7 @@ def status(job: Optional[str] = typer.Argument(None, help="A job (id, unique pre
     """Jobs and variants by their state, per-stage counts, oldest queued age, workers, failures;
     with JOB: where it is, its variants, and its tasks in pipeline order with lease owner and expiry."""
     from outbox import views
-    from outbox.jobs import overview
+    from outbox.views import overview
 
     with database() as conn:
         with errors_to_exit_codes():
@@ -502,8 +503,8 @@ def replay_failed(
         with errors_to_exit_codes():
             if tenant is not None:
                 validate_tenant(tenant)
-            if stage and not conn.execute("SELECT 1 FROM stage_graph WHERE stage = %s", (stage,)).fetchone():
-                raise InvalidInput(f"unknown stage {stage!r}")
+            if stage and stage not in stage_graph.read(conn):
+                raise InvalidInput(f"unknown stage {stage!r}; stages are: {', '.join(stage_graph.read(conn).names())}")
             if task is not None:
                 found = conn.execute("SELECT t.status, j.tenant_id FROM stage_tasks t JOIN jobs j ON j.job_id = t.job_id "
                                      "WHERE t.id = %s", (task,)).fetchone()
@@ -543,8 +544,7 @@ def run_stage(
 
     setup_logging("run-stage")
     with database() as conn:
-        level = conn.execute("SELECT level FROM stage_graph WHERE stage = %s", (stage,)).fetchone()
-        if level and level["level"] == "job":
+        if stage in stage_graph.read(conn) and stage_graph.read(conn).get(stage).level == "job":
             subject = resolve(conn, subject)  # a job stage's subject is a job: a prefix or latest will do
         with errors_to_exit_codes():
             task = find_task(conn, subject, stage)

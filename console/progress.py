@@ -19,6 +19,7 @@ from psycopg import Connection
 
 from console.exitcodes import ExitCode, job_outcome
 from outbox import db
+from outbox import graph as stage_graph
 from outbox.jobs import job_detail
 from outbox.watch import JobWatch
 
@@ -429,7 +430,7 @@ def follow_job(conn: Connection, job_id: str, renderer=None, lookup_error: Error
     renderer = renderer or make_renderer()
     events = watch.events()
     try:
-        graph = watch.read(lambda c: c.execute("SELECT stage, level FROM stage_graph ORDER BY position").fetchall())
+        graph = watch.read(lambda c: stage_graph.read(c).rows())
         progress = JobProgress(graph, next(events)["payload"])
         renderer.start(progress)
         try:

@@ -177,45 +177,16 @@ def job_detail(conn: Connection, job_id: str) -> dict:
     return job
 
 
-def overview(conn: Connection, failures: int = 20) -> dict:
-    # Counted by their true state (migration 0004): a variant that has not started, or waits
-    # between two stages, is queued, not done.
-    jobs = conn.execute("SELECT outbox_job_state(status, current_step) AS status, count(*) AS n FROM jobs "
-                        "GROUP BY 1 ORDER BY 1").fetchall()
-    variants = conn.execute("SELECT outbox_variant_state(status, current_step) AS status, count(*) AS n "
-                            "FROM jobs_variants GROUP BY 1 ORDER BY 1").fetchall()
-    stages = conn.execute("""
-        SELECT g.stage, g.level, g.device,
-               count(t.id) FILTER (WHERE t.status = 'queued') AS queued,
-               count(t.id) FILTER (WHERE t.status = 'running') AS running,
-               count(t.id) FILTER (WHERE t.status = 'done') AS done,
-               count(t.id) FILTER (WHERE t.status = 'failed') AS failed,
-               count(t.id) FILTER (WHERE t.status = 'cancelled') AS cancelled,
-               extract(epoch FROM now() - min(t.run_after) FILTER (WHERE t.status = 'queued' AND t.run_after <= now()))
-                   AS oldest_queued_s
-        FROM stage_graph g LEFT JOIN stage_tasks t ON t.stage = g.stage
-        GROUP BY g.stage, g.level, g.device, g.position ORDER BY g.position""").fetchall()
-    recent_failures = conn.execute("""
-        SELECT t.id, t.job_id::text, t.job_variants_id::text AS variant_id, t.stage, t.attempts, t.finished_at,
-               t.last_error
-        FROM stage_tasks t WHERE t.status = 'failed' ORDER BY t.finished_at DESC NULLS LAST LIMIT %s""",
-                                   (failures,)).fetchall()
-    # Jobs the fan-in waits on because their variant set is still open (docs/semantics.md): the
-    # generator has not written (img_gen, done) and no expected_variants count closed it. Only
-    # jobs at the generator's step or in the pipeline: other steps of the shared table are not ours.
-    open_sets = conn.execute("SELECT * FROM outbox_open_variant_sets(%s)", (failures,)).fetchall()
-    return {"jobs": jobs, "variants": variants, "stages": stages, "failures": recent_failures,
-            "open_variant_sets": open_sets}
-
-
 def find_task(conn: Connection, subject_id: str, stage: str) -> dict:
     """The task of `stage` for a variant id or a job id (for run-stage)."""
     subject_id = validate_uuid(subject_id, "variant or job id")
-    graph = conn.execute("SELECT level, after_step FROM stage_graph WHERE stage = %s", (stage,)).fetchone()
-    if graph is None:
-        names = [r["stage"] for r in conn.execute("SELECT stage FROM stage_graph ORDER BY position")]
-        raise InvalidInput(f"unknown stage {stage!r}; stages are: {', '.join(names)}")
-    if graph["level"] == "variant":
+    from outbox import graph as stage_graph
+
+    try:
+        graph = stage_graph.read(conn).get(stage)
+    except stage_graph.UnknownStage as exc:
+        raise InvalidInput(str(exc)) from None
+    if graph.level == "variant":
         owner = conn.execute("SELECT job_id::text FROM jobs_variants WHERE job_variants_id = %s", (subject_id,)).fetchone()
         if owner is None:
             raise NotFound(f"{stage} is a variant stage and there is no variant {subject_id}")
@@ -229,7 +200,7 @@ def find_task(conn: Connection, subject_id: str, stage: str) -> dict:
                             "AND stage = %s", (subject_id, stage)).fetchone()
     if task is None:
         raise InvalidInput(f"{stage} is not enqueued for {subject_id}: its previous step "
-                           f"({graph['after_step']}) has not finished")
+                           f"({graph.after_step}) has not finished")
     return task
 
 

@@ -19,7 +19,6 @@ RESCUE_EXPIRED = "SELECT * FROM outbox_rescue_expired(%s)"
 NEXT_DEADLINE = "SELECT outbox_next_deadline(%s, %s) AS seconds"
 HEARTBEAT = "SELECT outbox_heartbeat(%s, %s, %s) AS id"
 HAND_BACK = "SELECT outbox_hand_back(%s, %s) AS id"
-GRAPH = "SELECT stage, level, after_step, device, max_attempts, timeout_s FROM stage_graph ORDER BY position"
 # A worker's two writes to the workers table (migration 0004), at start and at stop: nothing in
 # between, so an idle worker stays silent; whether it is alive is read from pg_stat_activity.
 REGISTER_WORKER = """
@@ -79,10 +78,6 @@ def retry_delay(attempt: int, base_s: float, cap_s: float) -> float:
     factor in [0.5, 1] so retries of tasks that failed together spread out."""
     ceiling = min(cap_s, base_s * (2 ** max(attempt - 1, 0)))
     return ceiling * random.uniform(0.5, 1.0)
-
-
-def load_graph(conn: Connection) -> list[dict]:
-    return conn.execute(GRAPH).fetchall()
 
 
 def replay_failed(conn: Connection, job_id: str | None = None, stage: str | None = None,

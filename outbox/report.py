@@ -9,6 +9,7 @@ from typing import Callable
 
 from psycopg import Connection
 
+from outbox import graph as stage_graph
 from outbox.artifacts import ArtifactStore, read_asset
 from outbox.jobs import TASK_COLUMNS, NotFound, validate_uuid
 
@@ -30,8 +31,7 @@ def gather(conn: Connection, job_id: str) -> dict:
         (job_id,)).fetchone()
     if job is None:
         raise NotFound(f"no job {job_id}")
-    graph = conn.execute("SELECT stage, level, device, max_attempts, timeout_s FROM stage_graph "
-                         "ORDER BY position").fetchall()
+    graph = stage_graph.read(conn).rows()
     variants = conn.execute(
         "SELECT v.job_variants_id::text AS variant_id, v.creation_order, v.status, v.current_step, v.selected, "
         "v.updated_at, v.img_asset_id::text, a.uri AS asset_uri, a.mime_type AS asset_mime, "

@@ -156,7 +156,9 @@ def _job_row(row: dict) -> dict:
 
 def steps(conn: Connection) -> list[str]:
     """The graph's stages in pipeline order: what list_jobs' `stage` takes."""
-    return [r["stage"] for r in conn.execute("SELECT stage FROM stage_graph ORDER BY position").fetchall()]
+    from outbox import graph
+
+    return graph.read(conn).names()
 
 
 def list_jobs(conn: Connection, tenant: str | None = None, status: str | None = None, stage: str | None = None,
@@ -319,6 +321,59 @@ def jsonable(value):
     if isinstance(value, uuid.UUID):
         return str(value)
     return value
+
+
+# The queue gauges, per stage of the graph (zeros included), read by the workers' /metrics (and
+# so KEDA), `cli.py status` and the console: tasks claimable now, retries waiting for their time,
+# tasks running, and the oldest claimable task's age (NULL when none). Each count is its own
+# lateral lookup that carries the status, so it walks a partial index (stage_tasks_claimable_idx
+# for queued; the running set is small) and never the finished history.
+QUEUE_SQL = """
+SELECT g.stage, g.level, g.device, q.claimable, q.delayed, q.oldest_s, r.running
+FROM stage_graph g
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE t.run_after <= now()) AS claimable,
+           count(*) FILTER (WHERE t.run_after > now()) AS delayed,
+           extract(epoch FROM now() - min(t.run_after) FILTER (WHERE t.run_after <= now()))::float8 AS oldest_s
+    FROM stage_tasks t WHERE t.stage = g.stage AND t.status = 'queued') q
+CROSS JOIN LATERAL (
+    SELECT count(*) AS running FROM stage_tasks t WHERE t.stage = g.stage AND t.status = 'running') r
+ORDER BY g.position"""
+
+
+def queue_gauges(conn: Connection) -> list[dict]:
+    return conn.execute(QUEUE_SQL).fetchall()
+
+
+def overview(conn: Connection, failures: int = 20) -> dict:
+    """`cli.py status` and the console's overview: jobs and variants by state, each stage's queue
+    gauges (QUEUE_SQL) and ended counts, the latest failures, variant sets still open."""
+    # Counted by their true state (migration 0004): a variant that has not started, or waits
+    # between two stages, is queued, not done.
+    jobs = conn.execute("SELECT outbox_job_state(status, current_step) AS status, count(*) AS n FROM jobs "
+                        "GROUP BY 1 ORDER BY 1").fetchall()
+    variants = conn.execute("SELECT outbox_variant_state(status, current_step) AS status, count(*) AS n "
+                            "FROM jobs_variants GROUP BY 1 ORDER BY 1").fetchall()
+    ended = {r["stage"]: r for r in conn.execute("""
+        SELECT stage, count(*) FILTER (WHERE status = 'done') AS done,
+               count(*) FILTER (WHERE status = 'failed') AS failed,
+               count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+        FROM stage_tasks WHERE status IN ('done', 'failed', 'cancelled') GROUP BY stage""")}
+    stages = [{"stage": g["stage"], "level": g["level"], "device": g["device"],
+               "queued": g["claimable"] + g["delayed"], "running": g["running"],
+               **{k: ended.get(g["stage"], {}).get(k, 0) for k in ("done", "failed", "cancelled")},
+               "oldest_queued_s": g["oldest_s"]} for g in queue_gauges(conn)]
+    recent_failures = conn.execute("""
+        SELECT t.id, t.job_id::text, t.job_variants_id::text AS variant_id, t.stage, t.attempts, t.finished_at,
+               t.last_error
+        FROM stage_tasks t WHERE t.status = 'failed' ORDER BY t.finished_at DESC NULLS LAST LIMIT %s""",
+                                   (failures,)).fetchall()
+    # Jobs the fan-in waits on because their variant set is still open (docs/semantics.md): the
+    # generator has not written (img_gen, done) and no expected_variants count closed it. Only
+    # jobs at the generator's step or in the pipeline: other steps of the shared table are not ours.
+    open_sets = conn.execute("SELECT * FROM outbox_open_variant_sets(%s)", (failures,)).fetchall()
+    return {"jobs": jobs, "variants": variants, "stages": stages, "failures": recent_failures,
+            "open_variant_sets": open_sets}
 
 
 # Per stage, what finished in the last hour (the console's overview; finished_at is set when a task

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from outbox.views import QUEUE_SQL
+
 if TYPE_CHECKING:
     from workers.worker import Worker
 
@@ -41,21 +43,6 @@ MAX_CONNECTIONS = 32
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            408: "Request Timeout", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
            503: "Service Unavailable"}
-
-# Queue depth, delayed retries and the oldest claimable task's age by stage, every stage of the
-# graph present (zeros included). The join condition carries status = 'queued', so the inner side
-# can be read through the partial index stage_tasks_claimable_idx (stage, run_after, id).
-QUEUE_SQL = """
-SELECT g.stage,
-       count(t.id) FILTER (WHERE t.run_after <= now()) AS claimable,
-       count(t.id) FILTER (WHERE t.run_after > now()) AS delayed,
-       coalesce(extract(epoch FROM now() - min(t.run_after) FILTER (WHERE t.run_after <= now())), 0)::float8
-           AS oldest_s
-FROM stage_graph g
-LEFT JOIN stage_tasks t ON t.stage = g.stage AND t.status = 'queued'
-GROUP BY g.stage, g.position
-ORDER BY g.position
-"""
 
 
 class AddressError(ValueError):
@@ -249,7 +236,7 @@ class HealthServer:
         try:
             async def query() -> list[dict]:
                 async with self.worker.pool.pool.connection(timeout=QUERY_TIMEOUT_S) as conn:
-                    return await (await conn.execute(QUEUE_SQL)).fetchall()
+                    return await (await conn.execute(QUEUE_SQL)).fetchall()  # outbox/views.py
 
             rows = await asyncio.wait_for(query(), QUERY_TIMEOUT_S)
         except Exception as exc:
@@ -261,7 +248,7 @@ class HealthServer:
         for row in rows:
             m.queue_depth.labels(row["stage"]).set(row["claimable"])
             m.queue_delayed.labels(row["stage"]).set(row["delayed"])
-            m.queue_oldest_age.labels(row["stage"]).set(float(row["oldest_s"]))
+            m.queue_oldest_age.labels(row["stage"]).set(row["oldest_s"] or 0.0)
 
 
 def gpu_memory(m) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from outbox import graph as stage_graph
 from outbox import queue
 from outbox.config import RECONNECT_MAX_S
 from outbox.errors import describe_error
@@ -187,8 +188,8 @@ class Worker:
             exists = await (await conn.execute("SELECT to_regclass('stage_graph') IS NOT NULL AS ok")).fetchone()
             if not exists["ok"]:
                 raise WorkerStartError("the database has no pipeline schema: run `cli.py db upgrade` first")
-            graph = await (await conn.execute(queue.GRAPH)).fetchall()
-        known = {row["stage"]: row for row in graph}
+            graph = await stage_graph.read_async(conn)
+        known = graph.names()
         wanted = self.settings.stages or [s for s in known if s in self.registry]
         unknown = [s for s in wanted if s not in known]
         if unknown:
@@ -199,15 +200,15 @@ class Worker:
         if not wanted:
             raise WorkerStartError("no stage to run: the registry implements none of the graph's stages")
         for stage in wanted:
-            if self.registry[stage].device != known[stage]["device"]:
+            if self.registry[stage].device != graph.get(stage).device:
                 log.warning("stage %s is a %s stage in the registry, but the stage graph (which pools and KEDA "
                             "follow) routes it to the %s pool",
-                            stage, self.registry[stage].device, known[stage]["device"])
+                            stage, self.registry[stage].device, graph.get(stage).device)
         # Later pipeline stages first: a claim takes work that finishes jobs in flight before
-        # work that starts new ones (see outbox_claim).
+        # work that starts new ones (see outbox_claim_v2).
         position = {stage: i for i, stage in enumerate(known)}
         self.state.stages = tuple(sorted(wanted, key=position.__getitem__, reverse=True))
-        self.executor.timeouts = {s: float(known[s]["timeout_s"]) for s in wanted}
+        self.executor.timeouts = {s: float(graph.get(s).timeout_s) for s in wanted}
 
     async def _register(self) -> None:
         """One row in `workers` (migration 0004) for `cli.py workers list`; a database still at

@@ -33,7 +33,7 @@ from console.web.jobview import JobView, job_keys
 from console.web.security import (CSRF_COOKIE, CSRF_FIELD, LOCAL_IDENTITY, SESSION_COOKIE, Access, new_nonce)
 from outbox import config, db, views
 from outbox.artifacts import ArtifactError, ArtifactNotFound, open_store
-from outbox.jobs import InvalidInput, NotFound, cancel_job, overview, validate_uuid
+from outbox.jobs import InvalidInput, NotFound, cancel_job, validate_uuid
 from outbox.queue import replay_failed
 from outbox.report import asset_reader, gather
 
@@ -177,7 +177,7 @@ def checked_stage(conn, stage: str | None) -> str | None:
 # ----------------------------------------------------------------------------- pages
 def overview_page(request: Request) -> Response:
     with connection(request) as conn:
-        data = overview(conn)
+        data = views.overview(conn)
         hour = views.last_hour(conn)
         workers = views.list_workers(conn)
     for stage in data["stages"]:
