@@ -239,7 +239,7 @@ def test_workers_list_shows_live_dead_and_stopped_workers(conn, db_url, home, tm
     victim = WorkerProcess(db_url, tmp_path / "b.log")
     try:
         for w in (survivor, victim):
-            w.wait_for_log("LISTEN started")
+            w.wait_ready()
         rows = {w["pid"]: w for w in as_json(cli("workers", "list", "--json", env=env))}
         assert set(rows) == {survivor.proc.pid, victim.proc.pid}
         assert all(w["alive"] and w["state"] == "alive" and w["tasks"] == 0 for w in rows.values())

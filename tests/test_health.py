@@ -59,11 +59,10 @@ def submit(conn, image, copy="Fresh coffee", variants=2):
     return submit_job(conn, open_store(), [image], copy, tenant="acme", variants=variants).job_id
 
 
-def start_worker(db_url, tmp_path, *args, port=None, env=None, name="w.log"):
+def start_worker(db_url, tmp_path, *args, port=None, env=None, name="w.log", probe="/readyz"):
     port = port or free_port()
     worker = WorkerProcess(db_url, tmp_path / name, "--health-addr", f"127.0.0.1:{port}", *args, env=env)
-    worker.wait_for_log("LISTEN started")
-    worker.wait_for_log("health endpoints on")
+    worker.wait_ready(path=probe)
     return worker, port
 
 
@@ -133,7 +132,7 @@ def test_only_get_on_three_paths(db_url, home, tmp_path):
 
 def test_readyz_waits_for_the_migrated_schema(conn, db_url, home, tmp_path):
     conn.execute("DELETE FROM alembic_version")  # tables there, revision not recorded: not migrated
-    worker, port = start_worker(db_url, tmp_path)
+    worker, port = start_worker(db_url, tmp_path, probe="/healthz")
     try:
         assert get(port, "/healthz")[0] == 200  # alive: a restart would not help
         status, body, _ = get(port, "/readyz")

@@ -12,7 +12,7 @@ from outbox.artifacts import FileStore, PostgresStore, open_store
 from outbox.jobs import Cancelled, InvalidInput, NotFound, cancel_job, submit_job
 from outbox.retention import prune
 from tests.helpers import claim, complete, insert_job
-from tests.workerproc import WorkerProcess, wait_for_jobs
+from tests.workerproc import WorkerProcess, wait_for_jobs, wait_for_task
 
 
 def test_private_file_stores_fail_clearly_and_postgres_store_completes(conn, db_url, home, tiny_png, tmp_path,
@@ -173,7 +173,7 @@ def test_prune_removes_old_finished_jobs_and_orphans_only(conn, db_url, home, ti
     try:
         wait_for_jobs(db_url, old)
         live = submit_job(conn, store, [tiny_png], "Live SLEEP:vlm_analyze:30", tenant="acme", variants=1).job_id
-        workers[0].wait_for_log("stage vlm_analyze started for variant", timeout=30)
+        wait_for_task(db_url, "vlm_analyze", timeout=30)
         # Age the old jobs (the database keeps updated_at itself, so bypass its trigger here).
         conn.execute("SET session_replication_role = replica")
         conn.execute("UPDATE jobs SET updated_at = now() - interval '40 days' WHERE job_id = ANY (%s::uuid[])", (old,))

@@ -223,7 +223,7 @@ def test_a_cancel_that_died_half_way_is_finished_by_cancel_and_keeps_no_worker_a
     conn.execute("RESET session_replication_role")
     worker = WorkerProcess(db_url, tmp_path / "w.log")
     try:
-        worker.wait_for_log("LISTEN started")
+        worker.wait_ready()
         time.sleep(2)
         dbname = db_url.rsplit("/", 1)[1]
         commits = lambda: conn.execute("SELECT xact_commit + xact_rollback AS n FROM pg_stat_database "

@@ -9,7 +9,7 @@ import pytest
 
 from outbox.artifacts import open_store
 from outbox.jobs import submit_job
-from tests.workerproc import WorkerProcess, wait_for_jobs
+from tests.workerproc import WorkerProcess, wait_for_jobs, wait_for_task
 
 FAST = ("--retry-base", "0.05", "--retry-max", "0.2")
 
@@ -45,7 +45,7 @@ def listener_pids(conn, dbname):
 def test_reconnects_after_the_listening_backend_is_killed_and_drains(conn, db_url, home, tiny_png, tmp_path):
     worker = WorkerProcess(db_url, tmp_path / "w.log", *FAST)
     try:
-        worker.wait_for_log("LISTEN started")
+        worker.wait_ready()
         dbname = db_url.rsplit("/", 1)[1]
         [pid] = listener_pids(conn, dbname)
         conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
@@ -61,7 +61,7 @@ def test_reconnects_after_the_listening_backend_is_killed_and_drains(conn, db_ur
 def test_sigterm_hands_back_what_cannot_finish_in_the_grace_period(conn, db_url, home, tiny_png, tmp_path):
     job = submit(conn, tiny_png, "Slow SLEEP:vlm_analyze:30", variants=1)
     worker = WorkerProcess(db_url, tmp_path / "w.log", "--grace", "0.5")
-    worker.wait_for_log("[TRIGGER] stage vlm_analyze started")
+    wait_for_task(db_url, "vlm_analyze")
     started = time.monotonic()
     assert worker.stop() == 0
     assert time.monotonic() - started < 10
@@ -73,7 +73,7 @@ def test_sigterm_hands_back_what_cannot_finish_in_the_grace_period(conn, db_url,
 def test_sigterm_lets_in_flight_tasks_finish_within_grace(conn, db_url, home, tiny_png, tmp_path):
     job = submit(conn, tiny_png, "Slow SLEEP:vlm_analyze:1", variants=1)
     worker = WorkerProcess(db_url, tmp_path / "w.log", "--grace", "20", "--stages", "vlm_analyze")
-    worker.wait_for_log("[TRIGGER] stage vlm_analyze started")
+    wait_for_task(db_url, "vlm_analyze")
     assert worker.stop() == 0
     rows = conn.execute("SELECT stage, status FROM stage_tasks WHERE job_id = %s ORDER BY id", (job,)).fetchall()
     assert rows == [{"stage": "vlm_analyze", "status": "done"}, {"stage": "yolo_detect", "status": "queued"}]
@@ -89,7 +89,7 @@ def test_idle_workers_send_no_queries(conn, pg_server, db_url, home, tmp_path):
     workers = [WorkerProcess(db_url, tmp_path / f"w{i}.log") for i in range(2)]
     try:
         for w in workers:
-            w.wait_for_log("LISTEN started")
+            w.wait_ready()
         time.sleep(1.0)
         dbname = db_url.rsplit("/", 1)[1]
         with psycopg.connect(pg_server.url, autocommit=True, row_factory=psycopg.rows.dict_row) as admin:

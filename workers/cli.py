@@ -151,7 +151,7 @@ def start(
                               lease_s=lease, heartbeat_s=lease / 3, grace_s=grace, reconnect_delay_s=delay,
                               db_timeout_s=db_timeout, liveness_s=liveness,
                               retry_base_s=retry_base, retry_max_s=retry_max, worker_id=worker_id,
-                              health_addr=health_addr)
+                              health_addr=health_addr, model_profile=models)
     from workers.runner import TaskRunner
 
     worker = Worker(settings, built, TaskRunner(open_store(), config.asset_root()))

@@ -2,13 +2,15 @@
 commit ends goes into one completion transaction (outbox/completion.py), so under load round trips
 per task fall while a lone task waits for none. The dispatcher may ride a claim on it: the next
 stages the completions enqueue are then ours in the same round trip. When a commit's outcome is
-unknown it reads back afterwards whether it committed, and says so."""
+unknown it reads back afterwards whether it committed, and says so. It also counts the jobs whose
+end was this worker's commit (adflow_jobs_finished_total), so that the fleet counts each once."""
 from __future__ import annotations
 
 import asyncio
 import logging
 from typing import Callable
 
+from outbox import graph as stage_graph
 from outbox.completion import ClaimRequest, Completion, OutcomeUnknown, commit_completions
 from outbox.errors import describe_error
 from outbox.queue import ClaimedTask
@@ -23,6 +25,16 @@ COMPLETION_BATCH = 200
 # (with the listener's backoff between tries) before saying we could not tell.
 OUTCOME_CHECK_TRIES = 8
 READ_BACK = "SELECT task_id, attempt FROM stage_results WHERE task_id = ANY (%s)"
+# The job's age when the task's attempt ended (both times from the database's clock).
+JOB_AGE = """
+SELECT extract(epoch FROM t.finished_at - j.created_at)::float8 AS seconds
+FROM stage_tasks t JOIN jobs j ON j.job_id = t.job_id
+WHERE t.id = %s"""
+# The same, only if the transaction that failed the task is the one that failed the job: both
+# finished_at and updated_at (the touch trigger's) are that transaction's now(). Of two workers
+# failing a job's last two variants at once, both find the job failed afterwards, but only the
+# second one's transaction ran the fan-in that failed it.
+JOB_FAILED_BY = JOB_AGE + " AND j.status = 'failed' AND j.updated_at = t.finished_at"
 
 
 class Completer(Service):
@@ -30,8 +42,10 @@ class Completer(Service):
         super().__init__(*shared)
         # Put to by complete() (the executor's settle coroutines), taken from by run() only.
         self.waiting: asyncio.Queue[tuple[ClaimedTask, Completion, asyncio.Future]] = asyncio.Queue()
-        # Written here only: read-backs of unknown outcomes still running.
+        # Written here only: read-backs of unknown outcomes still running, and the counts of job
+        # ends waiting for their query.
         self.outcome_checks: set[asyncio.Task] = set()
+        self.job_ends: set[asyncio.Task] = set()
         # Set by Worker to the dispatcher's: what to claim in a completion's transaction (None:
         # nothing), given the tasks being completed, and what to do with what it took.
         self.claim_with: Callable[[list[ClaimedTask]], ClaimRequest | None] = lambda _: None
@@ -63,6 +77,9 @@ class Completer(Service):
                 # slots go, so the next stage starts as soon as possible.
                 if claim is not None:
                     self.took(committed.claimed)
+                for task in tasks:
+                    if task.variant_id is None and task.id in committed.accepted:
+                        self._count_job_end(task, "done")
                 for task, _, future in batch:
                     future.set_result(task.id in committed.accepted)
             except Exception as exc:
@@ -78,9 +95,52 @@ class Completer(Service):
         check.add_done_callback(self.outcome_checks.discard)
 
     async def cancel_outcome_checks(self) -> None:
-        for check in list(self.outcome_checks):
+        """Also the job-end counts still waiting for their query: a stopping worker loses them."""
+        checks = self.outcome_checks | self.job_ends
+        for check in checks:
             check.cancel()
-        await asyncio.gather(*self.outcome_checks, return_exceptions=True)
+        await asyncio.gather(*checks, return_exceptions=True)
+
+    def failed_for_good(self, task: ClaimedTask) -> None:
+        """`task` ended failed (outbox_fail said 'failed'): counts its job's end if that failure
+        ended the job. A variant's failure ends it only when it was the last variant left and no
+        variant succeeded, which only the database can tell: one query per failure for good (as
+        rare as a finished job), never per task."""
+        self._count_job_end(task, "failed")
+
+    def _count_job_end(self, task: ClaimedTask, outcome: str) -> None:
+        # Apart from the commit loop and the settles: the query must not delay the next group
+        # commit, nor hold the task's slot.
+        check = asyncio.create_task(self._job_end(task, outcome), name="job-end")
+        self.job_ends.add(check)
+        check.add_done_callback(self.job_ends.discard)
+
+    async def _job_end(self, task: ClaimedTask, outcome: str) -> None:
+        """`outcome` done: `task` is a job-level task this worker committed; failed: a task it failed
+        for good. The job's created_at is not among the claim's inputs, so the duration costs one
+        query, made only for a job that ended here."""
+        try:
+            async with self.pool.connection() as conn:
+                if outcome == "done":
+                    # The graph the worker read at its start, from the process's cache: no query.
+                    if task.stage != (await stage_graph.read_async(conn)).last("job"):
+                        return  # a job stage with another after it: the job goes on
+                    # Counted before the duration's query can fail: the fence accepted the
+                    # completion of the job's last stage from this worker alone.
+                    self.metrics.jobs_finished.labels(outcome).inc()
+                row = await (await conn.execute(JOB_AGE if outcome == "done" else JOB_FAILED_BY,
+                                                (task.id,))).fetchone()
+        except Exception as exc:
+            log.warning("metrics: could not tell whether task %s (%s) ended job %s, or when: %s; its end may be "
+                        "missing from adflow_jobs_finished_total and adflow_job_duration_seconds", task.id,
+                        task.stage, task.job_id, describe_error(exc), extra=task_fields(task))
+            return
+        if row is None:
+            return  # failed: the job goes on (other variants), or another transaction ended it
+        if outcome == "failed":
+            self.metrics.jobs_finished.labels(outcome).inc()
+        # An outside writer may set created_at (the jobs table is shared); a bucket below 0 is noise.
+        self.metrics.job_duration.labels(outcome).observe(max(0.0, row["seconds"]))
 
     async def _check_outcomes(self, tasks: list[ClaimedTask]) -> None:
         """Reads back whether completions whose outcome was unknown committed: a task's result
@@ -107,6 +167,8 @@ class Completer(Service):
             attempt = stored.get(task.id)
             if attempt == task.attempt:
                 self.metrics.completed.labels(task.stage).inc()
+                if task.variant_id is None:
+                    self._count_job_end(task, "done")
                 log.info("task %s (%s, %s): outcome known now: attempt %d committed after all; its result stands",
                          task.id, task.stage, task.subject, task.attempt, extra=task_fields(task))
             elif attempt is None:

@@ -70,6 +70,7 @@ class WorkerSettings:
     worker_id: str = field(default_factory=new_worker_id)
     selftest_s: float = 5.0  # how long the start-up notification may take to come back
     health_addr: str | None = None  # HOST:PORT of /healthz, /readyz, /metrics (workers/health.py)
+    model_profile: str | None = None  # --models, for adflow_build_info (None: MODEL_PROFILE)
 
 
 
@@ -79,7 +80,7 @@ class Worker:
         self.settings = settings
         self.registry = registry
         self.owner = settings.worker_id
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(model_profile=settings.model_profile, stages=lambda: self.state.stages)
         self.state = WorkerState()
         self.pool = BoundedPool(settings.url, settings.concurrency + 3, settings.db_timeout_s,
                                 application_name=self.owner)

@@ -424,8 +424,7 @@ def test_probe_paths_answer_on_a_worker_started_with_the_manifest_arguments(db_u
         argv[argv.index("--health-addr") + 1] = f"127.0.0.1:{port}"
         worker = WorkerProcess(db_url, tmp_path / f"{name}.log", *argv[2:])
         try:
-            worker.wait_for_log("health endpoints on")
-            worker.wait_for_log("LISTEN started")
+            worker.wait_ready()
             for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
                 path = container[probe]["httpGet"]["path"]
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
