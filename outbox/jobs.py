@@ -152,7 +152,7 @@ def image_source(path: Path) -> Path:
 # A task as `status JOB`, the report and the console show it (alias t: stage_tasks).
 TASK_COLUMNS = ("t.id, t.job_variants_id::text AS variant_id, t.stage, t.status, t.attempts, t.max_attempts, "
                 "t.last_error, t.error_details, t.lease_owner, t.lease_expires_at, t.created_at, t.started_at, "
-                "t.finished_at, t.run_after, t.attempt_log")
+                "t.finished_at, t.run_after, outbox_attempts(t) AS attempt_log")
 
 
 def job_detail(conn: Connection, job_id: str) -> dict:

@@ -45,6 +45,8 @@ class ClaimedTask:
     alone: bool = False
     # Seconds from the moment it became claimable (enqueued, or its retry time) to this claim.
     waited_s: float | None = None
+    # When its job was created (the database's clock): the job's duration at its last stage.
+    job_created_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: dict) -> "ClaimedTask":
@@ -52,6 +54,7 @@ class ClaimedTask:
                    variant_id=str(row["job_variants_id"]) if row["job_variants_id"] else None,
                    stage=row["stage"], attempt=row["attempt"], max_attempts=row["max_attempts"],
                    alone=bool(row.get("alone")), waited_s=row.get("waited_s"),
+                   job_created_at=row.get("job_created_at"),
                    tenant_id=row["tenant_id"], inputs={k: row[k] for k in INPUT_COLUMNS})
 
     @property

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from PIL import Image
 from outbox.artifacts import artifact_key, open_store
 from outbox.db import free_port
 from tests.conftest import ROOT, cli
+from tests.browser import browser  # noqa: F401  (a fixture)
 from tests.helpers import claim, complete, fail, insert_job, wait_until
 
 TOKEN = "ops:" + "s3cret-console-token-" + "x" * 8
@@ -101,24 +101,6 @@ def console(db_url, home, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the browser
-def chromium_binary() -> str:
-    for path in ("/usr/lib/chromium/chromium", shutil.which("chromium") or ""):
-        if path and os.access(path, os.X_OK):
-            return path
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium; make test-deps)")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the dev extra) is not installed")
-    path = chromium_binary()
-    with sync_api.sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=path, headless=True,
-                                              args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        yield instance
-        instance.close()
-
-
 class Tab:
     """A page with every browser console error and uncaught exception collected."""
 

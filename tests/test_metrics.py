@@ -104,11 +104,13 @@ def test_a_job_moves_queue_wait_batch_job_and_build_series(conn, db_url, home, t
     assert value(m, "adflow_jobs_finished_total", outcome="done") == 1
     assert value(m, "adflow_jobs_finished_total", outcome="failed") == 0
     assert value(m, "adflow_job_duration_seconds_count", outcome="failed") == 0
-    # From the job's creation to its last stage's commit, on the database's clock.
+    # From the job's creation (the database's clock, carried by the claim) to its last stage's
+    # commit (the worker's clock, the same machine here): the database's figure, give or take the
+    # commit's round trip.
     [row] = conn.execute("SELECT extract(epoch FROM t.finished_at - j.created_at)::float8 AS s FROM stage_tasks t "
                          "JOIN jobs j ON j.job_id = t.job_id WHERE t.job_id = %s AND t.stage = 'instagram_feed_gen'",
                          (job,)).fetchall()
-    assert value(m, "adflow_job_duration_seconds_sum", outcome="done") == pytest.approx(row["s"], rel=1e-9)
+    assert value(m, "adflow_job_duration_seconds_sum", outcome="done") == pytest.approx(row["s"], abs=0.5)
 
 
 def test_each_job_end_is_counted_once_by_the_whole_fleet(conn, db_url, home, tiny_png, tmp_path):

@@ -173,7 +173,7 @@ def test_a_task_that_lost_its_worker_runs_its_last_attempt_alone(conn):
 
 
 def attempt_log(conn, task_id: int) -> list[dict]:
-    return conn.execute("SELECT attempt_log FROM stage_tasks WHERE id = %s", (task_id,)).fetchone()["attempt_log"]
+    return conn.execute("SELECT outbox_attempts(t) AS a FROM stage_tasks t WHERE id = %s", (task_id,)).fetchone()["a"]
 
 
 def test_every_attempt_is_kept_with_its_worker_outcome_and_error(conn):

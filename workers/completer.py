@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Callable
 
-from outbox import graph as stage_graph
 from outbox.completion import ClaimRequest, Completion, OutcomeUnknown, commit_completions
 from outbox.errors import describe_error
 from outbox.queue import ClaimedTask
@@ -25,16 +25,15 @@ COMPLETION_BATCH = 200
 # (with the listener's backoff between tries) before saying we could not tell.
 OUTCOME_CHECK_TRIES = 8
 READ_BACK = "SELECT task_id, attempt FROM stage_results WHERE task_id = ANY (%s)"
-# The job's age when the task's attempt ended (both times from the database's clock).
-JOB_AGE = """
+# The job's age when the task failed (the database's clock), only if the transaction that failed
+# the task is the one that failed the job: both finished_at and updated_at (the touch trigger's)
+# are that transaction's now(). Of two workers failing a job's last two variants at once, both
+# find the job failed afterwards, but only the second one's transaction ran the fan-in that
+# failed it.
+JOB_FAILED_BY = """
 SELECT extract(epoch FROM t.finished_at - j.created_at)::float8 AS seconds
 FROM stage_tasks t JOIN jobs j ON j.job_id = t.job_id
-WHERE t.id = %s"""
-# The same, only if the transaction that failed the task is the one that failed the job: both
-# finished_at and updated_at (the touch trigger's) are that transaction's now(). Of two workers
-# failing a job's last two variants at once, both find the job failed afterwards, but only the
-# second one's transaction ran the fan-in that failed it.
-JOB_FAILED_BY = JOB_AGE + " AND j.status = 'failed' AND j.updated_at = t.finished_at"
+WHERE t.id = %s AND j.status = 'failed' AND j.updated_at = t.finished_at"""
 
 
 class Completer(Service):
@@ -49,6 +48,8 @@ class Completer(Service):
         # Set by Worker to the dispatcher's: what to claim in a completion's transaction (None:
         # nothing), given the tasks being completed, and what to do with what it took.
         self.claim_with: Callable[[list[ClaimedTask]], ClaimRequest | None] = lambda _: None
+        # Set by Worker from the stage graph before the services start: the job's last stage.
+        self.last_job_stage: str | None = None
         self.took: Callable[[list[dict]], None] = lambda _: None
 
     async def complete(self, task: ClaimedTask, completion: Completion) -> bool:
@@ -79,7 +80,7 @@ class Completer(Service):
                     self.took(committed.claimed)
                 for task in tasks:
                     if task.variant_id is None and task.id in committed.accepted:
-                        self._count_job_end(task, "done")
+                        self._job_done(task)
                 for task, _, future in batch:
                     future.set_result(task.id in committed.accepted)
             except Exception as exc:
@@ -106,41 +107,43 @@ class Completer(Service):
         ended the job. A variant's failure ends it only when it was the last variant left and no
         variant succeeded, which only the database can tell: one query per failure for good (as
         rare as a finished job), never per task."""
-        self._count_job_end(task, "failed")
+        self._count_job_failure(task)
 
-    def _count_job_end(self, task: ClaimedTask, outcome: str) -> None:
+    def _job_done(self, task: ClaimedTask) -> None:
+        """`task`, a job-level task whose completion this worker committed: the fence accepted it
+        from this worker alone, so a job's last stage is counted once in the fleet. No query: the
+        claim carried the job's created_at. Its duration is on the worker's clock against the
+        database's, which NTP keeps within milliseconds of each other."""
+        if task.stage != self.last_job_stage:
+            return  # a job stage with another after it: the job goes on
+        self.metrics.jobs_finished.labels("done").inc()
+        if task.job_created_at is not None:  # None: a claim of the previous release's function
+            # An outside writer may set created_at (the jobs table is shared): never below 0.
+            self.metrics.job_duration.labels("done").observe(max(0.0, time.time() - task.job_created_at.timestamp()))
+
+    def _count_job_failure(self, task: ClaimedTask) -> None:
         # Apart from the commit loop and the settles: the query must not delay the next group
         # commit, nor hold the task's slot.
-        check = asyncio.create_task(self._job_end(task, outcome), name="job-end")
+        check = asyncio.create_task(self._job_failed(task), name="job-end")
         self.job_ends.add(check)
         check.add_done_callback(self.job_ends.discard)
 
-    async def _job_end(self, task: ClaimedTask, outcome: str) -> None:
-        """`outcome` done: `task` is a job-level task this worker committed; failed: a task it failed
-        for good. The job's created_at is not among the claim's inputs, so the duration costs one
-        query, made only for a job that ended here."""
+    async def _job_failed(self, task: ClaimedTask) -> None:
+        """`task` failed for good here: whether that failure ended its job, which costs one query
+        (made only for a failure for good)."""
         try:
             async with self.pool.connection() as conn:
-                if outcome == "done":
-                    # The graph the worker read at its start, from the process's cache: no query.
-                    if task.stage != (await stage_graph.read_async(conn)).last("job"):
-                        return  # a job stage with another after it: the job goes on
-                    # Counted before the duration's query can fail: the fence accepted the
-                    # completion of the job's last stage from this worker alone.
-                    self.metrics.jobs_finished.labels(outcome).inc()
-                row = await (await conn.execute(JOB_AGE if outcome == "done" else JOB_FAILED_BY,
-                                                (task.id,))).fetchone()
+                row = await (await conn.execute(JOB_FAILED_BY, (task.id,))).fetchone()
         except Exception as exc:
             log.warning("metrics: could not tell whether task %s (%s) ended job %s, or when: %s; its end may be "
                         "missing from adflow_jobs_finished_total and adflow_job_duration_seconds", task.id,
                         task.stage, task.job_id, describe_error(exc), extra=task_fields(task))
             return
         if row is None:
-            return  # failed: the job goes on (other variants), or another transaction ended it
-        if outcome == "failed":
-            self.metrics.jobs_finished.labels(outcome).inc()
-        # An outside writer may set created_at (the jobs table is shared); a bucket below 0 is noise.
-        self.metrics.job_duration.labels(outcome).observe(max(0.0, row["seconds"]))
+            return  # the job goes on (other variants), or another transaction ended it
+        self.metrics.jobs_finished.labels("failed").inc()
+        # An outside writer may set created_at (the jobs table is shared): never below 0.
+        self.metrics.job_duration.labels("failed").observe(max(0.0, row["seconds"]))
 
     async def _check_outcomes(self, tasks: list[ClaimedTask]) -> None:
         """Reads back whether completions whose outcome was unknown committed: a task's result
@@ -168,7 +171,7 @@ class Completer(Service):
             if attempt == task.attempt:
                 self.metrics.completed.labels(task.stage).inc()
                 if task.variant_id is None:
-                    self._count_job_end(task, "done")
+                    self._job_done(task)
                 log.info("task %s (%s, %s): outcome known now: attempt %d committed after all; its result stands",
                          task.id, task.stage, task.subject, task.attempt, extra=task_fields(task))
             elif attempt is None:

@@ -210,6 +210,7 @@ class Worker:
         position = {stage: i for i, stage in enumerate(known)}
         self.state.stages = tuple(sorted(wanted, key=position.__getitem__, reverse=True))
         self.executor.timeouts = {s: float(graph.get(s).timeout_s) for s in wanted}
+        self.completer.last_job_stage = graph.last("job")
 
     async def _register(self) -> None:
         """One row in `workers` (migration 0004) for `cli.py workers list`; a database still at

@@ -3,5 +3,6 @@
 DROP FUNCTION outbox_complete_claim_v2;
 DROP FUNCTION outbox_claim_v2;
 DROP FUNCTION outbox_fail_job;
+DROP FUNCTION outbox_attempts;
 DROP FUNCTION outbox_attempt_ended;
 ALTER TABLE stage_tasks DROP COLUMN attempt_log;

@@ -284,6 +284,19 @@ AS $function$
         'ended_at', now(), 'outcome', p_outcome, 'error', p_error)
 $function$;
 
+CREATE OR REPLACE FUNCTION public.outbox_attempts(p_task stage_tasks)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE
+ SET jit TO 'off'
+AS $function$
+    SELECT CASE WHEN p_task.status = 'done' AND p_task.lease_owner IS NOT NULL
+                THEN p_task.attempt_log || jsonb_build_object(
+                    'attempt', p_task.attempts, 'worker', p_task.lease_owner, 'started_at', p_task.started_at,
+                    'ended_at', p_task.finished_at, 'outcome', 'done', 'error', NULL)
+                ELSE p_task.attempt_log END
+$function$;
+
 CREATE OR REPLACE FUNCTION public.outbox_cancel(p_job uuid, OUT already_cancelled boolean, OUT tasks integer)
  RETURNS record
  LANGUAGE plpgsql
@@ -390,7 +403,7 @@ AS $function$
 $function$;
 
 CREATE OR REPLACE FUNCTION public.outbox_claim_v2(p_owner text, p_stages text[], p_limit integer, p_lease_s double precision, p_task_id bigint DEFAULT NULL::bigint, p_alone boolean DEFAULT false)
- RETURNS TABLE(id bigint, job_id uuid, job_variants_id uuid, stage text, attempt integer, max_attempts integer, tenant_id character varying, ad_copy text, img_asset_id uuid, asset_uri text, asset_tenant character varying, results jsonb, variants jsonb, next_deadline_s double precision, alone boolean, suspect_waiting boolean, waited_s double precision)
+ RETURNS TABLE(id bigint, job_id uuid, job_variants_id uuid, stage text, attempt integer, max_attempts integer, tenant_id character varying, ad_copy text, img_asset_id uuid, asset_uri text, asset_tenant character varying, results jsonb, variants jsonb, next_deadline_s double precision, alone boolean, suspect_waiting boolean, waited_s double precision, job_created_at timestamp with time zone)
  LANGUAGE plpgsql
  SET enable_bitmapscan TO 'off'
  SET enable_seqscan TO 'off'
@@ -470,7 +483,7 @@ BEGIN
                    FROM jobs_variants vv WHERE vv.job_id = c.job_id)
            END,
            NULL::double precision, coalesce(c.id = v_suspect, false), NULL::boolean,
-           greatest(extract(epoch FROM now() - c.run_after)::double precision, 0)
+           greatest(extract(epoch FROM now() - c.run_after)::double precision, 0), j.created_at
     FROM claimed c
     JOIN jobs j ON j.job_id = c.job_id
     LEFT JOIN job_inputs ji ON ji.job_id = c.job_id
@@ -483,7 +496,7 @@ BEGIN
                             NULL::integer, NULL::varchar, NULL::text, NULL::uuid, NULL::text,
                             NULL::varchar, NULL::jsonb, NULL::jsonb,
                             outbox_next_deadline(p_stages, p_owner), NULL::boolean, v_waiting,
-                            NULL::double precision;
+                            NULL::double precision, NULL::timestamptz;
     END IF;
 END $function$;
 
@@ -496,8 +509,7 @@ DECLARE
     t stage_tasks%ROWTYPE;
 BEGIN
     UPDATE stage_tasks
-    SET status = 'done', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-        attempt_log = outbox_attempt_ended(stage_tasks, 'done', NULL)
+    SET status = 'done', finished_at = now(), lease_expires_at = NULL
     WHERE stage_tasks.id = p_task_id AND status = 'running'
       AND lease_owner = p_owner AND attempts = p_attempt
     RETURNING * INTO t;
@@ -505,9 +517,8 @@ BEGIN
         RETURN false;
     END IF;
     IF EXISTS (SELECT 1 FROM jobs WHERE jobs.job_id = t.job_id AND status = 'cancelled') THEN
-        UPDATE stage_tasks SET status = 'cancelled', last_error = 'job cancelled; result dropped',
-            attempt_log = jsonb_set(attempt_log, '{-1}', attempt_log->-1
-                                    || '{"outcome": "cancelled", "error": "job cancelled; result dropped"}')
+        UPDATE stage_tasks SET status = 'cancelled', lease_owner = NULL, last_error = 'job cancelled; result dropped',
+            attempt_log = outbox_attempt_ended(t, 'cancelled', 'job cancelled; result dropped')
         WHERE stage_tasks.id = t.id;
         RETURN false;
     END IF;
@@ -535,7 +546,7 @@ BEGIN
 END $function$;
 
 CREATE OR REPLACE FUNCTION public.outbox_complete_claim_v2(p_owner text, p_items jsonb, p_stages text[], p_limit integer, p_lease_s double precision, p_alone boolean)
- RETURNS TABLE(id bigint, job_id uuid, job_variants_id uuid, stage text, attempt integer, max_attempts integer, tenant_id character varying, ad_copy text, img_asset_id uuid, asset_uri text, asset_tenant character varying, results jsonb, variants jsonb, next_deadline_s double precision, alone boolean, suspect_waiting boolean, waited_s double precision, accepted bigint[])
+ RETURNS TABLE(id bigint, job_id uuid, job_variants_id uuid, stage text, attempt integer, max_attempts integer, tenant_id character varying, ad_copy text, img_asset_id uuid, asset_uri text, asset_tenant character varying, results jsonb, variants jsonb, next_deadline_s double precision, alone boolean, suspect_waiting boolean, waited_s double precision, job_created_at timestamp with time zone, accepted bigint[])
  LANGUAGE plpgsql
  SET jit TO 'off'
 AS $function$

@@ -101,5 +101,5 @@ class Engine:
                          (job_id,))[0]["s"]
 
     def tasks(self, job_id: str) -> list[dict]:
-        return self.read("SELECT id, job_variants_id::text AS variant_id, stage, status, attempts, attempt_log "
-                         "FROM stage_tasks WHERE job_id = %s ORDER BY id", (job_id,))
+        return self.read("SELECT id, job_variants_id::text AS variant_id, stage, status, attempts, "
+                         "outbox_attempts(t) AS attempt_log FROM stage_tasks t WHERE job_id = %s ORDER BY id", (job_id,))
