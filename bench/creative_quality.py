@@ -210,6 +210,10 @@ def run_variant(photo: dict, image: Image.Image, copy: str, mode: str) -> dict:
                       for i, s in enumerate(photo["subjects"])]
     results: dict = {"yolo_detect": {"image_size": [w, h], "detections": detections,
                                      "product_index": 0 if detections else None}}
+    if mode == "hand":
+        # The hand boxes stand for a detector with real weights: the planner trusts them, and
+        # looks for faces in the persons' heads only (stages/planner.trusted_people).
+        results["yolo_detect"]["profile"] = "real"
     store: dict[str, bytes] = {}
     row: dict = {"photo": photo["name"], "mode": mode}
     for name, module in STAGES:

@@ -22,7 +22,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -487,6 +487,15 @@ def _caption_rest(text: str, head: str) -> str:
     return text[len(head) :].strip() if text.startswith(head) else text
 
 
+def trusted_people(yolo: Mapping[str, Any], detections: Sequence[Detection]) -> list | None:
+    """The person boxes of a detector with real weights (saliency.find_faces then looks for faces
+    in their heads only), or None where its boxes say nothing (the tiny profile's random weights):
+    faces are then searched in the whole image."""
+    if yolo.get("profile") != "real":
+        return None
+    return [d.box for d in detections if d.label == "person"]
+
+
 def plan(img: Image.Image, copy: str, detections: Sequence[Detection], faces: Sequence[saliency.Face] | None = None) -> dict:
     """The placement search and its fallback ladder; returns the proposals and how they were found."""
     faces = saliency.find_faces(img) if faces is None else list(faces)
@@ -546,8 +555,10 @@ def run(inp: StageInput) -> StageOutput:
             "the caption only; characters the font cannot render are dropped)",
             {"dropped": dropped[:50], "caption_only": caption_only[:50]},
         )
-    detections = read_detections(inp.results.get("yolo_detect"), img.size)
-    found = plan(img, copy, detections)
+    yolo = inp.results.get("yolo_detect")
+    detections = read_detections(yolo, img.size)
+    people = trusted_people(yolo, detections)
+    found = plan(img, copy, detections, saliency.find_faces(img, people))
     proposals = found["proposals"]
     for i, proposal in enumerate(proposals):
         proposal["proposal_id"] = f"p{i}"
@@ -572,6 +583,9 @@ def run(inp: StageInput) -> StageOutput:
                 for f in search.faces
             ],
             "face_detector": saliency.face_detector_name(),
+            # Where faces were looked for: the whole image, or the heads of the persons a
+            # detector with real weights found (none: a product shot, no face search).
+            "face_search": "whole image" if people is None else f"head regions of {len(people)} detected person(s)",
             "proposals": proposals,
             "proposal_id": chosen["proposal_id"],
             "scoring": SCORING_RULE,

@@ -9,6 +9,7 @@ in the picture, with the person each face belongs to, whether or not an object d
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,26 +175,79 @@ def person_from_face(face_box, size: tuple[int, int]) -> tuple[float, float, flo
     )
 
 
-def find_faces(img: Image.Image) -> list[Face]:
-    """Frontal faces (and the persons under them), strongest first; [] where no detector is installed."""
+# Where a face can be in a detected person: the top of the box (a standing body is about seven face
+# heights, a seated or cropped one fewer), at least as tall as the box is wide (a portrait's box is
+# mostly head and shoulders), a little wider than the box (a turned head, a box cut at the
+# shoulder).
+HEAD_PART = 0.45
+HEAD_MARGIN = 0.15
+FACE_DUPLICATE_IOU = 0.3  # two hits this much alike, from overlapping person boxes, are one face
+# The face a person box suggests: a seventh of a standing body, a quarter of a box cut at the
+# waist or a portrait. Below this many pixels the head region is searched one pyramid step up
+# (dlib's window is 80 px; upsampling costs four times the pixels).
+SMALL_FACE = 120
+
+
+def _detect(img: Image.Image, offset: tuple[float, float] = (0.0, 0.0), upsample: int = FACE_UPSAMPLE
+            ) -> list[tuple[tuple, float]]:
+    """(box in the full image's pixels, score) of every frontal face in `img`, a crop at `offset`."""
     detector = _face_detector()
-    if detector is None:
-        return []
     scale = min(1.0, FACE_WORK_SIDE / max(img.size))
     work = img if scale >= 1.0 else img.resize(
         (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR
     )
     grey = np.ascontiguousarray(np.asarray(work.convert("L"), dtype=np.uint8))
-    rects, scores, _ = detector.run(grey, FACE_UPSAMPLE, FACE_MIN_SCORE)
-    faces = []
-    for rect, score in zip(rects, scores, strict=True):
-        box = _clip(
-            (rect.left() / scale, rect.top() / scale, (rect.right() + 1) / scale, (rect.bottom() + 1) / scale),
-            *img.size,
-        )
-        if box[2] > box[0] and box[3] > box[1]:
-            faces.append(Face(box, float(score), person_from_face(box, img.size)))
-    return sorted(faces, key=lambda f: -f.score)
+    rects, scores, _ = detector.run(grey, upsample, FACE_MIN_SCORE)
+    ox, oy = offset
+    return [((ox + r.left() / scale, oy + r.top() / scale, ox + (r.right() + 1) / scale, oy + (r.bottom() + 1) / scale),
+             float(s)) for r, s in zip(rects, scores, strict=True)]
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def head_regions(people: Sequence[tuple[float, float, float, float]], size: tuple[int, int]
+                 ) -> list[tuple[tuple[int, int, int, int], int]]:
+    """The part of each person box a face can be in (whole pixels, clipped to the image), and the
+    upsampling its expected face size needs."""
+    out = []
+    for x1, y1, x2, y2 in people:
+        w, h = x2 - x1, y2 - y1
+        region = _clip((x1 - HEAD_MARGIN * w, y1 - 0.05 * h, x2 + HEAD_MARGIN * w, y1 + max(HEAD_PART * h, w)), *size)
+        box = tuple(int(round(v)) for v in region)
+        if box[2] - box[0] >= 8 and box[3] - box[1] >= 8:
+            out.append((box, 1 if max(h / 7, w / 4) < SMALL_FACE else 0))
+    return out
+
+
+def find_faces(img: Image.Image, people: Sequence[tuple[float, float, float, float]] | None = None) -> list[Face]:
+    """Frontal faces (and the persons under them), strongest first; [] where no detector is installed.
+
+    `people`: the person boxes of an object detector with real weights, or None when there is
+    none (the tiny profile's random YOLO, a test). With them, faces are searched only in each
+    person's head region, and not at all when the detector saw no person: a product shot costs
+    nothing, and a photograph costs its heads instead of its whole area upsampled, which was
+    two thirds of the planner's CPU (docs/benchmarks.md). Without them, the whole image.
+    """
+    if _face_detector() is None:
+        return []
+    if people is None:
+        hits = _detect(img)
+    else:
+        hits = []
+        for (x1, y1, x2, y2), upsample in head_regions(people, img.size):
+            hits += _detect(img.crop((x1, y1, x2, y2)), (x1, y1), upsample)
+    kept: list[tuple[tuple, float]] = []
+    for box, score in sorted(hits, key=lambda h: -h[1]):
+        box = _clip(box, *img.size)
+        if box[2] > box[0] and box[3] > box[1] and all(_iou(box, k[0]) < FACE_DUPLICATE_IOU for k in kept):
+            kept.append((box, score))
+    return [Face(box, score, person_from_face(box, img.size)) for box, score in kept]
 
 
 def subject_map(

@@ -603,3 +603,21 @@ def test_token_rules():
     assert access.identify({"authorization": f"Bearer {SECRET}"}, {}) == "ops"
     assert access.identify({}, {"adflow_console_session": access.session_value("ops")}) == "ops"
     assert access.identify({}, {"adflow_console_session": "ops." + "0" * 64}) is None
+
+
+def test_the_job_page_lists_every_attempt_with_its_worker_and_error(console, conn, tab):
+    job, vids = insert_job(conn, variants=1)
+    [task] = claim(conn, "w-first", stages=["vlm_analyze"])
+    assert fail(conn, task, "w-first", error="CUDA out of memory (planted)") == "retry"
+    conn.execute("UPDATE stage_tasks SET run_after = now() WHERE id = %s", (task["id"],))
+    [again] = claim(conn, "w-second", stages=["vlm_analyze"])
+    assert fail(conn, again, "w-second", error="weights corrupt (planted)", permanent=True) == "failed"
+    server = console()
+    t = tab()
+    t.page.goto(server.base + f"/jobs/{job}")
+    rows = t.page.locator(f'#attempts [data-task-id="{task["id"]}"] tr[data-attempt]')
+    assert rows.count() == 2
+    first, second = rows.nth(0).inner_text(), rows.nth(1).inner_text()
+    assert "retry" in first and "w-first" in first and "CUDA out of memory (planted)" in first
+    assert "failed" in second and "w-second" in second and "weights corrupt (planted)" in second
+    assert not t.errors, t.errors

@@ -11,7 +11,7 @@ import pytest
 from outbox.artifacts import FileStore, PostgresStore, open_store
 from outbox.jobs import Cancelled, InvalidInput, NotFound, cancel_job, submit_job
 from outbox.retention import prune
-from tests.helpers import claim, complete, insert_job
+from tests.helpers import claim, complete, insert_job, wait_until
 from tests.workerproc import WorkerProcess, wait_for_jobs, wait_for_task
 
 
@@ -103,8 +103,11 @@ def test_cancel_while_workers_run_commits_no_result_after(conn, db_url, home, ti
                        tenant="acme", variants=3).job_id for _ in range(4)]
     workers = [WorkerProcess(db_url, tmp_path / f"w{i}.log", "--concurrency", "4") for i in range(2)]
     try:
-        for w in workers:
-            w.wait_for_log("[TRIGGER] stage yolo_detect started", timeout=60)
+        # Both workers have started a yolo_detect (lease_owner stays on a finished task).
+        wait_until(lambda: conn.execute(
+            "SELECT count(DISTINCT lease_owner) AS n FROM stage_tasks WHERE stage = 'yolo_detect' "
+            "AND status IN ('running', 'done') AND job_id = ANY (%s::uuid[])", (jobs,)).fetchone()["n"] == 2,
+            timeout=60, what="both workers running yolo_detect")
         for job in jobs:
             cancel_job(conn, job)
         cancelled_at = conn.execute("SELECT clock_timestamp() AS t").fetchone()["t"]

@@ -157,12 +157,13 @@ class JobView:
     # --- what went wrong
     @property
     def attempts(self) -> list[dict]:
-        """Every task that failed at least once or ended failed, with its error and details."""
+        """Every task that failed at least once or ended failed, with its error and details and
+        each of its attempts (outbox_attempts: worker, outcome, error)."""
         rows = []
         for lane, t in self.all_tasks():
             if t.get("last_error") or t["status"] == "failed" or t["attempts"] > 1:
                 details = t.get("error_details")
-                rows.append({**t, "lane": lane,
+                rows.append({**t, "lane": lane, "history": t.get("attempt_log") or [],
                              "details": json.dumps(details, indent=2, ensure_ascii=False, default=str) if details else None})
         return rows
 

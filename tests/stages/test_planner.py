@@ -229,7 +229,7 @@ def test_band_never_covers_a_face_and_says_why_when_nothing_is_left():
 
 def test_run_reports_the_ladder_failure_per_variant(monkeypatch):
     everywhere = saliency.Face((0.0, 0.0, 800.0, 600.0), 1.0, (0.0, 0.0, 800.0, 600.0))
-    monkeypatch.setattr(saliency, "find_faces", lambda img: [everywhere])
+    monkeypatch.setattr(saliency, "find_faces", lambda img, people=None: [everywhere])
     with pytest.raises(PermanentStageError, match="no place for the ad copy on this 800x600 image"):
         plan("SUMMER SALE", yolo=yolo_result([], product_index=None))
 
@@ -321,3 +321,20 @@ def test_hashtags_and_emoji_stay_off_the_image():
 def test_a_copy_of_only_hashtags_is_refused_clearly():
     with pytest.raises(PermanentStageError, match="hashtags and emoji go to the caption"):
         plan("#sale #summer")
+
+
+def test_faces_are_searched_where_a_real_detector_saw_persons_only(monkeypatch):
+    asked = []
+    monkeypatch.setattr(saliency, "find_faces", lambda img, people=None: asked.append(people) or [])
+    person = {"box": [10.0, 10.0, 200.0, 590.0], "cls": 0, "label": "person", "confidence": 0.9, "is_product": False}
+    bottle = {"box": [600.0, 300.0, 700.0, 500.0], "cls": 39, "label": "bottle", "confidence": 0.9, "is_product": True}
+
+    def yolo(detections, profile):
+        return {"image_size": list(SCENE_SIZE), "detections": detections, "product_index": len(detections) - 1,
+                "profile": profile}
+
+    plan("SUMMER SALE", yolo=yolo([person, bottle], "real"))
+    plan("SUMMER SALE", yolo=yolo([bottle], "real"))
+    out = plan("SUMMER SALE", yolo=yolo([person, bottle], "tiny"))
+    assert asked == [[(10.0, 10.0, 200.0, 590.0)], [], None]  # the tiny profile's boxes say nothing
+    assert out["face_search"] == "whole image"

@@ -55,6 +55,34 @@ def test_a_face_pasted_into_a_flat_image_is_found_where_it_was_put():
     assert 60 <= x1 < x2 <= 204 and 300 <= y1 < y2 <= 444
 
 
+def test_faces_in_the_heads_of_detected_persons_are_the_whole_images_faces():
+    # Person boxes drawn by hand (bench/eval_set.json), as a detector with real weights gives them.
+    cases = {
+        "ultralytics/assets/bus.jpg": [[50, 400, 245, 900], [222, 405, 345, 860], [668, 395, 810, 880], [0, 555, 80, 870]],
+        "matplotlib/mpl-data/sample_data/grace_hopper.jpg": [[0, 100, 512, 600]],
+    }
+    for relative, people in cases.items():
+        img = photo(relative)
+        whole, heads = saliency.find_faces(img), saliency.find_faces(img, people)
+        assert len(heads) == len(whole) >= 1, relative
+        for a, b in zip(sorted(whole, key=lambda f: f.box), sorted(heads, key=lambda f: f.box)):
+            assert saliency._iou(a.box, b.box) > 0.6, (relative, a.box, b.box)
+
+
+def test_a_detector_that_saw_no_person_means_no_face_search():
+    img = photo("matplotlib/mpl-data/sample_data/grace_hopper.jpg")
+    assert saliency.find_faces(img, []) == []  # trusted: the object detector found nobody
+    assert saliency.find_faces(img, [[0, 0, 60, 60]]) == []  # nor in a person box far from the face
+
+
+def test_head_regions_cover_the_top_of_a_body_and_a_whole_portrait():
+    [(standing, up_small)] = saliency.head_regions([[100, 100, 200, 800]], (1000, 1000))
+    assert standing[1] <= 100 and standing[3] < 800 and standing[0] < 100 and standing[2] > 200
+    assert up_small == 1  # a face of about 100 px: one pyramid step up
+    [(portrait, up_big)] = saliency.head_regions([[0, 0, 600, 700]], (600, 700))
+    assert portrait == (0, 0, 600, 600) and up_big == 0
+
+
 def test_no_face_in_a_product_shot():
     for _, img in sample_images():
         assert saliency.find_faces(img) == []
