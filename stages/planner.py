@@ -37,7 +37,7 @@ MAX_BLOCK_SHARE = 0.25  # the text block's area over the image's
 CLEARANCE_RATIO = 0.01  # of the shorter side: air kept between the block and any object or face
 FACE_CLEARANCE = 0.15  # of the face's size: the block keeps off hair and chin too
 ANALYSIS_MAX_SIDE = 384  # scores are box means: a thumbnail measures them well enough
-CONSTRAINT_MAX_SIDE = 1024  # the hard-constraint mask: boxes are rounded outwards, so it stays exact
+CONSTRAINT_MAX_SIDE = 512  # the hard-constraint mask: boxes are rounded outwards (a cell is 2 px at 1000 px), so it never misses
 SIZE_STEP = 1.18  # ratio between successive candidate font sizes
 WRAP_FRACTIONS = (1.0, 0.8, 0.62, 0.48, 0.36)  # wrap widths, as shares of the widest allowed line
 GRID_STEPS = 40  # positions per image side on the search grid
@@ -384,12 +384,12 @@ class _Search:
 
 def _pick_colour(maps: _Maps, cell) -> tuple[tuple[int, int, int], float]:
     x1, y1, x2, y2 = (int(v) for v in cell)
-    background = maps.luminance[y1:y2, x1:x2]
-    palette = [(c, imaging.worst_contrast(c, background)) for c in maps.palette]
+    background = imaging.ContrastTable(maps.luminance[y1:y2, x1:x2])
+    palette = [(c, background.worst(c)) for c in maps.palette]
     strong = [pc for pc in palette if pc[1] >= PALETTE_MIN_CONTRAST]
     if strong:
         return max(strong, key=lambda pc: pc[1])
-    mono = [(c, imaging.worst_contrast(c, background)) for c in (BLACK, WHITE)]
+    mono = [(c, background.worst(c)) for c in (BLACK, WHITE)]
     return max(mono, key=lambda pc: pc[1])
 
 

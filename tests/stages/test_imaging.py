@@ -185,3 +185,16 @@ def test_colour_helpers():
     assert imaging.rgb_to_hex((10, 11, 12)) == "#0a0b0c"
     with pytest.raises(ValueError):
         imaging.hex_to_rgb("#12")
+
+
+def test_the_contrast_table_answers_as_worst_contrast_does():
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 9, 10, 11, 250, 4000):
+        for skew in (0.3, 1.0, 3.0):
+            background = rng.random(n) ** skew
+            background[: n // 3] = np.round(background[: n // 3], 2)  # ties
+            table = imaging.ContrastTable(background)
+            for rgb in [(0, 0, 0), (255, 255, 255), (128, 128, 128), *map(tuple, rng.integers(0, 256, (5, 3)))]:
+                assert table.worst(rgb) == imaging.worst_contrast(rgb, background), (n, rgb)
