@@ -304,12 +304,27 @@ def rgb_to_hex(rgb: Iterable[float]) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
+def _linear(c: np.ndarray) -> np.ndarray:
+    """sRGB (0-1) to linear light, WCAG 2.x."""
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+LUMA_WEIGHTS = (0.2126, 0.7152, 0.0722)
+_LINEAR_8BIT = _linear(np.arange(256) / 255.0)
+
+
 def relative_luminance(rgb: Sequence[float] | np.ndarray) -> np.ndarray | float:
     """WCAG 2.x relative luminance of 8-bit sRGB colour(s); the last axis holds R, G, B."""
-    c = np.asarray(rgb, dtype=np.float64) / 255.0
-    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    lum = linear[..., 0] * 0.2126 + linear[..., 1] * 0.7152 + linear[..., 2] * 0.0722
+    linear = _linear(np.asarray(rgb, dtype=np.float64) / 255.0)
+    lum = linear[..., 0] * LUMA_WEIGHTS[0] + linear[..., 1] * LUMA_WEIGHTS[1] + linear[..., 2] * LUMA_WEIGHTS[2]
     return float(lum) if lum.ndim == 0 else lum
+
+
+def luminance_8bit(rgb: np.ndarray) -> np.ndarray:
+    """relative_luminance of a uint8 image (h x w x 3) through a 256-entry table: a lookup per
+    pixel instead of a power."""
+    return (_LINEAR_8BIT[rgb[..., 0]] * LUMA_WEIGHTS[0] + _LINEAR_8BIT[rgb[..., 1]] * LUMA_WEIGHTS[1]
+            + _LINEAR_8BIT[rgb[..., 2]] * LUMA_WEIGHTS[2])
 
 
 @functools.lru_cache(maxsize=4096)

@@ -29,11 +29,17 @@ MAX_HASHTAGS = 30
 MAX_CAPTION_CHARS = 2200
 FINISHED = ("iou_eval", "done")
 
-SELECTION_WEIGHTS = {"judge": 0.4, "ocr": 0.25, "readability": 0.15, "product_clear": 0.2}
+SELECTION_WEIGHTS = {"judge": 0.35, "ocr": 0.2, "readability": 0.1, "product_clear": 0.15,
+                     "image_quality": 0.1, "legibility_margin": 0.1}
+# A contrast this many times the required one scores the full legibility margin.
+FULL_MARGIN = 2.0
 SELECTION_RULE = (
-    "among variants done at iou_eval: score = 0.4*vlm_judge overall/10 + 0.25*(0.5*ocr passed + "
-    "0.5*(1 - min(1, ocr cer_nospace))) + 0.15*readability passed + 0.2*(product not covered by "
-    "text); a missing result counts 0; highest score wins, ties go to the lowest creation_order"
+    "among variants done at iou_eval: score = 0.35*vlm_judge overall/10 + 0.2*(0.5*ocr passed + "
+    "0.5*(1 - min(1, ocr cer_nospace))) + 0.1*readability passed + 0.15*(product not covered by "
+    "text) + 0.1*image quality (planner image_quality: exposure and sharpness of the "
+    f"photograph) + 0.1*legibility margin (least legible line's contrast / its required contrast, "
+    f"1 -> 0, {FULL_MARGIN:g} or more -> 1); a missing result counts 0; highest score wins, ties go "
+    "to the lowest creation_order"
 )
 
 _HASHTAG = textlayout.HASHTAG_RE
@@ -61,11 +67,21 @@ def _components(results: Mapping[str, Any]) -> dict[str, float]:
         ocr_score += 0.5 * (1.0 - min(1.0, max(0.0, float(ocr.get("cer_nospace", ocr["cer"])))))
     except (KeyError, TypeError, ValueError):
         pass  # no readable error rate: only the pass flag counts
+    try:
+        quality = min(1.0, max(0.0, float(((results.get("planner") or {}).get("image_quality") or {}).get("score", 0))))
+    except (TypeError, ValueError):
+        quality = 0.0
+    try:
+        margin = min(1.0, max(0.0, (float(readability["min_contrast_margin"]) - 1.0) / (FULL_MARGIN - 1.0)))
+    except (KeyError, TypeError, ValueError):
+        margin = 0.0
     return {
         "judge": overall,
         "ocr": ocr_score,
         "readability": float(bool(readability.get("passed"))),
         "product_clear": float(bool(iou) and not iou.get("product_covered", True)),
+        "image_quality": quality,
+        "legibility_margin": margin,
     }
 
 

@@ -19,9 +19,8 @@ from stages.contract import PermanentStageError, StageInput, StageOutput
 
 THRESHOLDS = legibility.thresholds()
 
-def _drawn_on(inp: StageInput, overlay: Mapping[str, Any], size: tuple[int, int]) -> Image.Image:
+def _drawn_on(base: Image.Image, overlay: Mapping[str, Any], size: tuple[int, int]) -> Image.Image:
     """The image the overlay stage drew text onto: the original plus its scrim, if any."""
-    base = imaging.load_image(inp.image)
     if base.size != size:
         raise PermanentStageError(
             f"overlay image is {size[0]}x{size[1]} but the original is {base.size[0]}x{base.size[1]}"
@@ -41,7 +40,7 @@ def run(inp: StageInput) -> StageOutput:
     overlay = inp.results.get("overlay")
     lines = read_text_boxes(overlay, "there is no rendered text to measure")
     rendered = imaging.artifact_image(inp.read_artifact, overlay, "overlay.png", "overlay")
-    drawn_on = _drawn_on(inp, overlay, rendered.size)
+    drawn_on = _drawn_on(imaging.load_image(inp.image), overlay, rendered.size)
     text_rgb = imaging.parse_colour(overlay.get("text_color", "#000000"), "overlay text_color")
     limits = parse_box(overlay["box"], "overlay text block") if overlay.get("box") else None
     bold = legibility.is_bold(str(overlay.get("font") or fonts.font_path()))
@@ -68,5 +67,8 @@ def run(inp: StageInput) -> StageOutput:
             "luminance to the text colour",
             "rule": legibility.RULE,
             "passed": all(r["passed"] for r in rows),
+            # How far the least legible line is above its required contrast (1.0: just at it):
+            # the legibility margin of the best-variant rule.
+            "min_contrast_margin": round(min(r["contrast"] / r["required_contrast"] for r in rows), 3),
         }
     )

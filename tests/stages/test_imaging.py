@@ -198,3 +198,10 @@ def test_the_contrast_table_answers_as_worst_contrast_does():
             table = imaging.ContrastTable(background)
             for rgb in [(0, 0, 0), (255, 255, 255), (128, 128, 128), *map(tuple, rng.integers(0, 256, (5, 3)))]:
                 assert table.worst(rgb) == imaging.worst_contrast(rgb, background), (n, rgb)
+
+
+def test_the_8bit_luminance_table_is_the_wcag_formula():
+    import numpy as np
+
+    rgb = np.random.default_rng(3).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    assert np.allclose(imaging.luminance_8bit(rgb), imaging.relative_luminance(rgb), rtol=0, atol=1e-12)

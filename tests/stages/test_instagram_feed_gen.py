@@ -12,7 +12,8 @@ from tests.stages.conftest import encode, make_input
 
 
 def finished(
-    order, overall, ocr_passed=True, cer=0.0, readable=True, covered=False, key=None, subject="red sneakers"
+    order, overall, ocr_passed=True, cer=0.0, readable=True, covered=False, key=None, subject="red sneakers",
+    quality=1.0, margin=2.0,
 ):
     return {
         "status": "done",
@@ -23,7 +24,8 @@ def finished(
             "overlay": {"artifacts": {"overlay.png": key or f"overlay-{order}"}},
             "vlm_judge": {"scores": {"overall": overall}, "verdict": "pass"},
             "ocr_eval": {"passed": ocr_passed, "cer": cer, "cer_nospace": cer},
-            "readability_eval": {"passed": readable},
+            "planner": {"image_quality": {"score": quality}},
+            "readability_eval": {"passed": readable, "min_contrast_margin": margin},
             "iou_eval": {"product_covered": covered, "passed": not covered},
         },
     }
@@ -83,10 +85,30 @@ def test_best_variant_is_chosen_by_the_written_rule():
     out = run(variants, blobs)
     res = out.result
     assert res["chosen_variant_id"] == "b"
-    assert [r["variant_id"] for r in res["ranking"]] == ["b", "a", "c"]  # 0.96, 0.84, 0.80
-    assert res["ranking"][0]["score"] == pytest.approx(0.4 * 0.9 + 0.25 + 0.15 + 0.2)
+    assert [r["variant_id"] for r in res["ranking"]] == ["b", "a", "c"]  # 0.965, 0.86, 0.85
+    assert res["ranking"][0]["score"] == pytest.approx(0.35 * 0.9 + 0.2 + 0.1 + 0.15 + 0.1 + 0.1)
     assert "creation_order" in res["selection_rule"]
     check_instagram_limits(out)
+
+
+def test_an_under_exposed_or_barely_legible_variant_loses_what_would_be_a_tie():
+    blobs = {f"overlay-{i}": marked_image((600, 600)) for i in range(3)}
+    variants = {"dark": finished(0, overall=8, quality=0.0), "fine": finished(1, overall=8),
+                "faint": finished(2, overall=8, margin=1.2)}
+    res = run(variants, blobs).result
+    assert [r["variant_id"] for r in res["ranking"]] == ["fine", "faint", "dark"]
+    scores = {r["variant_id"]: r for r in res["ranking"]}
+    assert scores["dark"]["components"]["image_quality"] == 0.0  # loses 0.1, the earliest variant though it is
+    assert scores["faint"]["components"]["legibility_margin"] == pytest.approx(0.2)  # loses 0.08
+    assert "image quality" in res["selection_rule"] and "legibility margin" in res["selection_rule"]
+
+
+def test_results_of_an_older_release_without_the_new_terms_still_rank():
+    old = finished(0, overall=9)
+    old["results"]["readability_eval"] = {"passed": True}
+    del old["results"]["planner"]
+    res = run({"old": old}, {"overlay-0": marked_image((600, 600))}).result
+    assert res["chosen_variant_id"] == "old" and res["ranking"][0]["components"]["image_quality"] == 0.0
 
 
 def test_ties_go_to_the_earliest_variant():
