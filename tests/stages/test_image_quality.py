@@ -1,20 +1,10 @@
 """The image-quality term of the best-variant rule, on real photographs and their spoilt copies."""
-from pathlib import Path
-
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
 from console.samples import sample_images
 from stages import image_quality
-
-SITE = Path(Image.__file__).resolve().parent.parent
-
-
-def photo(relative: str) -> Image.Image:
-    path = SITE / relative
-    if not path.is_file():
-        pytest.skip(f"{relative} is not installed here")
-    return Image.open(path).convert("RGB")
+from tests.stages.photos import photo
 
 
 @pytest.mark.parametrize("relative", ["ultralytics/assets/bus.jpg", "matplotlib/mpl-data/sample_data/grace_hopper.jpg"])

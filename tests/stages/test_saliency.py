@@ -1,22 +1,12 @@
 """Faces, persons and the subject map the planner avoids, on real face photographs."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from console.samples import sample_images
 from stages import saliency
-
-SITE = Path(Image.__file__).resolve().parent.parent
-
-
-def photo(relative: str) -> Image.Image:
-    path = SITE / relative
-    if not path.is_file():
-        pytest.skip(f"{relative} is not installed here")
-    return Image.open(path).convert("RGB")
+from tests.stages.photos import photo
 
 
 @pytest.fixture(autouse=True)
