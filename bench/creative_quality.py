@@ -116,6 +116,12 @@ def _broken_words(lines: list[str], copy: str) -> int:
 
 
 def measure(original: Image.Image, rendered: Image.Image, overlay_result: dict, photo: dict, copy: str) -> dict:
+    # An extended canvas (the planner's band outside the photo): compare on that canvas, with the
+    # photo's boxes where the photo now sits.
+    canvas = overlay_result.get("canvas")
+    ox, oy = (int(v) for v in canvas["offset"]) if canvas else (0, 0)
+    if canvas:
+        original = imaging.extend_canvas(original, canvas)
     before = imaging.rgb_array(original)
     after = imaging.rgb_array(rendered)
     height, width = before.shape[:2]
@@ -127,7 +133,7 @@ def measure(original: Image.Image, rendered: Image.Image, overlay_result: dict, 
     block_share = (block[2] - block[0]) * (block[3] - block[1]) / (width * height)
 
     def covered_share(box) -> float:
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        x1, y1, x2, y2 = (int(round(v)) for v in (box[0] + ox, box[1] + oy, box[2] + ox, box[3] + oy))
         ix = max(0, min(x2, block[2]) - max(x1, block[0]))
         iy = max(0, min(y2, block[3]) - max(y1, block[1]))
         return ix * iy / max(1, (x2 - x1) * (y2 - y1))
@@ -135,7 +141,7 @@ def measure(original: Image.Image, rendered: Image.Image, overlay_result: dict, 
     subjects = [covered_share(s["box"]) for s in photo["subjects"]]
     faces = []
     for f in photo["faces"]:
-        x1, y1, x2, y2 = (int(v) for v in f)
+        x1, y1, x2, y2 = (int(v) for v in (f[0] + ox, f[1] + oy, f[2] + ox, f[3] + oy))
         faces.append(bool(changed[y1:y2, x1:x2].any()))
 
     text_rgb = np.asarray(imaging.hex_to_rgb(overlay_result.get("text_color", "#000000")), dtype=np.float64)

@@ -102,13 +102,22 @@ def draw_detections(img: Image.Image, yolo: Mapping[str, Any]) -> Image.Image:
 
 
 def draw_placement(img: Image.Image, planner: Mapping[str, Any]) -> Image.Image:
-    """Every proposal the planner weighed (thin, with its id) and the chosen one (thick, green)."""
+    """Every proposal the planner weighed (thin, with its id) and the chosen one (thick, green). A
+    chosen extension is drawn on its extended canvas, with the proposals made for that canvas."""
+    proposals = list(planner.get("proposals") or [])
+    chosen_id = planner.get("proposal_id")
+    chosen = next((p for p in proposals if p.get("proposal_id") == chosen_id), None)
+    canvas = (chosen or {}).get("canvas")
+    if canvas:
+        try:
+            img = imaging.extend_canvas(img, imaging.parse_canvas(canvas, img.size))
+        except Exception:  # a malformed canvas is the overlay's error to report; draw what can be
+            canvas = None
+    proposals = [p for p in proposals if p.get("canvas") == canvas]
     out = img.convert("RGBA").copy()
     shade = Image.new("RGBA", out.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(shade)
     unit = max(2, round(max(out.size) / 200))
-    chosen_id = planner.get("proposal_id")
-    proposals = list(planner.get("proposals") or [])
     for proposal in proposals:
         if proposal.get("proposal_id") == chosen_id:
             continue
@@ -118,7 +127,6 @@ def draw_placement(img: Image.Image, planner: Mapping[str, Any]) -> Image.Image:
             continue
         draw.rectangle(box, outline=OTHER_COLOUR, width=max(1, unit // 2))
         _label(draw, (box[0], box[1]), str(proposal.get("proposal_id")), OTHER_COLOUR, 5 * unit, inside=True)
-    chosen = next((p for p in proposals if p.get("proposal_id") == chosen_id), None)
     if chosen and chosen.get("box"):
         box = [float(v) for v in chosen["box"]]
         draw.rectangle(box, fill=CHOSEN_COLOUR + (60,), outline=CHOSEN_COLOUR + (255,), width=unit * 2)

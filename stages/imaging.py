@@ -385,6 +385,35 @@ class ContrastTable:
         return float(np.partition(np.asarray(contrast_ratio(a, near)), k)[k])
 
 
+def parse_canvas(raw: Any, photo_size: tuple[int, int]) -> dict | None:
+    """The planner's canvas extension (a band outside the photo for the copy), checked against the
+    photo it extends: {"size": [W, H], "offset": [x, y], "photo_size": [w, h], "color": "#rrggbb"},
+    the photo pasted at offset on a W x H canvas of that colour. None: no extension."""
+    if not raw:
+        return None
+    try:
+        size = [int(v) for v in raw["size"]]
+        offset = [int(v) for v in raw["offset"]]
+        photo = [int(v) for v in raw["photo_size"]]
+        colour = parse_colour(raw["color"], "canvas color")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PermanentStageError(f"planner canvas extension is malformed: {type(exc).__name__}: {exc}") from None
+    if tuple(photo) != tuple(photo_size):
+        raise PermanentStageError(f"canvas extension is for a {photo[0]}x{photo[1]} photo, the image is "
+                                  f"{photo_size[0]}x{photo_size[1]}")
+    if not (0 <= offset[0] and 0 <= offset[1] and offset[0] + photo[0] <= size[0] and offset[1] + photo[1] <= size[1]):
+        raise PermanentStageError(f"canvas extension {size} does not hold the photo at {offset}")
+    return {"size": size, "offset": offset, "photo_size": photo, "color": rgb_to_hex(colour)}
+
+
+def extend_canvas(img: Image.Image, canvas: Mapping[str, Any]) -> Image.Image:
+    """The photo on its extended canvas (parse_canvas's result): overlay draws on this, and
+    readability_eval rebuilds it to know what the text was drawn on."""
+    out = Image.new("RGB", tuple(canvas["size"]), hex_to_rgb(canvas["color"]))
+    out.paste(img.convert("RGB"), tuple(canvas["offset"]))
+    return out
+
+
 def blend_box(img: Image.Image, box: Sequence[int], rgb: Sequence[int], alpha: float) -> Image.Image:
     """A copy of img with a flat colour laid over box at the given opacity (a scrim).
 

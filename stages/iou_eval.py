@@ -6,6 +6,8 @@ twice. Any coverage of the product fails the creative; other objects fail it abo
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from stages.boxes import area, covered_area, read_detections, read_text_boxes, union_area
 from stages.contract import PermanentStageError, StageInput, StageOutput
 
@@ -21,7 +23,17 @@ def run(inp: StageInput) -> StageOutput:
         raise PermanentStageError("neither overlay nor yolo_detect records the image size")
     width, height = (int(round(float(v))) for v in size)
     text_area = union_area(text_boxes)
-    detections = read_detections(inp.results.get("yolo_detect"), (width, height))
+    canvas = overlay.get("canvas")
+    if canvas:
+        # The photo sits at an offset on the planner's extended canvas: its objects move with it.
+        try:
+            (pw, ph), (ox, oy) = ([int(v) for v in canvas["photo_size"]], [int(v) for v in canvas["offset"]])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PermanentStageError(f"overlay canvas is malformed: {type(exc).__name__}: {exc}") from None
+        detections = [replace(d, box=(d.box[0] + ox, d.box[1] + oy, d.box[2] + ox, d.box[3] + oy))
+                      for d in read_detections(inp.results.get("yolo_detect"), (pw, ph))]
+    else:
+        detections = read_detections(inp.results.get("yolo_detect"), (width, height))
 
     objects, raw_iou, raw_product_share = [], [0.0], [0.0]
     for det in detections:

@@ -4,8 +4,10 @@ Whether a scrim goes behind the text is decided by stages.legibility.measure_lin
 readability_eval checks with: the text is drawn on the bare image and measured line by line; if
 any line fails, a flat semi-transparent scrim is laid over the text block at the least opacity from
 SCRIM_ALPHA_STEPS at which every line passes. A proposal that asks for a backing (the planner's
-full-width band) starts at BACKING_MIN_ALPHA. The result records every line's exact ink box so the
-evaluators measure what was drawn, not what was planned.
+full-width band) starts at BACKING_MIN_ALPHA. A proposal with a "canvas" (the planner's extension)
+is drawn on the photo pasted onto that taller canvas; the result's "canvas" says where the photo
+sits, for the evaluators. The result records every line's exact ink box so the evaluators measure
+what was drawn, not what was planned.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def render(img: Image.Image, proposal: Mapping[str, Any]) -> tuple[Image.Image, 
     if font_size <= 0:
         raise PermanentStageError(f"planner proposal has a non-positive font size {font_size}")
     box = tuple(int(round(v)) for v in parse_box(proposal.get("box"), "planner proposal"))
+    canvas = imaging.parse_canvas(proposal.get("canvas"), img.size)
+    if canvas:
+        img = imaging.extend_canvas(img, canvas)
     width, height = img.size
     if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
         raise PermanentStageError(f"planner proposal box {list(box)} lies outside the {width}x{height} image")
@@ -148,6 +153,8 @@ def render(img: Image.Image, proposal: Mapping[str, Any]) -> tuple[Image.Image, 
     facts["text_color"] = imaging.rgb_to_hex(text_rgb)
     facts["font_size"] = font_size
     facts["box"] = list(box)
+    if canvas:
+        facts["canvas"] = canvas
     return img, facts
 
 

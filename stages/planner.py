@@ -12,8 +12,13 @@ When nothing fits, a fallback ladder, each rung recorded in the result's "fallba
   1. smaller type, down to the floor (the smallest text MIN_CSS_PX on a 375 px wide phone);
   2. "headline": the first sentence (or clause, or words) on the image, the rest in the caption
      ("caption_text" in the result, for the feed stage to carry);
-  3. "band": a full-width band with a backing at the top or bottom edge (never over a face);
-  4. a PermanentStageError for this variant that says why. Copy length alone never fails a job.
+  3. "extend": the canvas grows by a band above or below the photo, in the colour of the photo's
+     edge it continues, and the copy (or its headline) goes there: the photo itself is not
+     covered at all (a portrait that fills its frame, a crowded scene). Every stage after the
+     planner reads the overlay's "canvas" to know where the photo sits;
+  4. "band": a full-width band with a backing over the top or bottom edge of the photo (never
+     over a face), where even an extension cannot hold the copy within MAX_BLOCK_SHARE;
+  5. a PermanentStageError for this variant that says why. Copy length alone never fails a job.
 """
 
 from __future__ import annotations
@@ -67,13 +72,17 @@ SCORING_RULE = (
     "edge density, contrast = WCAG ratio of the text colour against the 10% of background pixels "
     "closest to it, size = font size / largest size, balance = 1 - distance between the image centre "
     "and the midpoint of text and subject centres (as a share of the half diagonal); fallbacks: "
-    "smaller type to the floor, then headline on the image with the rest in the caption, then a "
-    "full-width band with a backing at the top or bottom edge, never over a face (band score = 1 - "
-    "2*share of the subject map under the band + 0.8*size), then a per-variant error"
+    "smaller type to the floor, then headline on the image with the rest in the caption, then the "
+    "canvas extended by a band above or below the photo in its edge's colour, holding the copy or its "
+    "headline (extension score = 0.8*size + 0.3*(1 - busyness of the photo's edge it continues)), "
+    "then a full-width band with a backing over the top or bottom edge, never over a face (band "
+    "score = 1 - 2*share of the subject map under the band + 0.8*size), then a per-variant error"
 )
 
 BLACK = (0, 0, 0)
 WHITE = (255, 255, 255)
+EXTEND_EDGE = 0.05  # share of the photo's height at the edge whose colour an extension continues
+EXTEND_BUSYNESS_WEIGHT = 0.3  # a calm edge joins its band without a seam
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
 _CLAUSE_END = re.compile(r"(?<=[,;:，、])\s+|\s+[-–—|]\s+")
 
@@ -103,7 +112,8 @@ class _Maps:
         size = (max(1, round(img.width * self.scale)), max(1, round(img.height * self.scale)))
         thumb = img.resize(size, Image.Resampling.BILINEAR) if self.scale < 1.0 else img
         grey = imaging.grey_array(thumb)
-        self.luminance = imaging.relative_luminance(imaging.rgb_array(thumb))
+        self.rgb = imaging.rgb_array(thumb)
+        self.luminance = imaging.relative_luminance(self.rgb)
         self.saliency_map = saliency.spectral_residual(grey)
         self.saliency = saliency.integral_image(self.saliency_map)
         # The share of a block over salient things: a mean would let a small salient object hide
@@ -396,6 +406,59 @@ def _pick_colour(maps: _Maps, cell) -> tuple[tuple[int, int, int], float]:
     return max(mono, key=lambda pc: pc[1])
 
 
+def extensions(search: _Search, text: str) -> list[dict]:
+    """Proposals that put `text` on a band added above or below the photo, best first.
+
+    The band continues the photo's edge colour (the mean of its outer EXTEND_EDGE), so the post
+    reads as one designed frame; the text colour is black, white or a palette colour, whichever
+    reads best on it. The block share counts the band against the extended canvas.
+    """
+    width, height = search.size
+    m = margin(search.size)
+    maps = search.maps
+    th = maps.rgb.shape[0]
+    strip = max(1, int(round(EXTEND_EDGE * th)))
+    edges = {"extend_top": (maps.rgb[:strip], (0, 0, width, max(1, round(EXTEND_EDGE * height)))),
+             "extend_bottom": (maps.rgb[-strip:], (0, height - max(1, round(EXTEND_EDGE * height)), width, height))}
+    largest = search.sizes[0]
+    found: list[dict] = []
+    for region, (pixels, edge_box) in edges.items():
+        band_rgb = tuple(int(round(v)) for v in pixels.reshape(-1, 3).mean(axis=0))
+        band_lum = imaging.relative_luminance(band_rgb)
+        colour = max([*maps.palette, BLACK, WHITE],
+                     key=lambda c: imaging.contrast_ratio(imaging.colour_luminance(tuple(c)), band_lum))
+        contrast = float(imaging.contrast_ratio(imaging.colour_luminance(tuple(colour)), band_lum))
+        busy = float(_box_means(maps.edges, *maps.cells(*edge_box)))
+        for font_size in search.sizes:
+            pad = textlayout.padding(font_size)
+            fitting = [lay for lay in layouts(text, font_size, width - 2 * m, height)
+                       if lay.size[1] + 2 * pad <= MAX_BLOCK_SHARE * (height + lay.size[1] + 2 * pad)]
+            if not fitting:
+                continue
+            layout = min(fitting, key=lambda lay: lay.size[1])
+            bh = layout.size[1] + 2 * pad
+            canvas_size = (width, height + bh)
+            if legibility.css_px(font_size, canvas_size) < legibility.MIN_CSS_PX - 1e-9:
+                continue  # a taller canvas shows smaller on the phone (legibility.display_scale)
+            top = region == "extend_top"
+            box = (0, 0, width, bh) if top else (0, height, width, height + bh)
+            size_term = font_size / largest
+            score = WEIGHTS["size"] * size_term + EXTEND_BUSYNESS_WEIGHT * (1.0 - busy)
+            found.append({
+                "region": region, "box": list(box), "align": "center", "font_size": font_size,
+                "color": imaging.rgb_to_hex(colour), "lines": list(layout.lines), "backing": False,
+                "canvas": {"size": list(canvas_size), "offset": [0, bh if top else 0], "photo_size": [width, height],
+                           "color": imaging.rgb_to_hex(band_rgb)},
+                "css_px": round(legibility.css_px(font_size, canvas_size), 2),
+                "block_share": round(bh / canvas_size[1], 4),
+                "scores": {"object_overlap": 0.0, "product_overlap": 0.0, "contrast": round(contrast, 4),
+                           "subject_covered": 0.0, "size": round(size_term, 4), "busyness": round(busy, 4)},
+                "score": round(float(score), 4),
+            })
+            break  # the largest type that fits this edge
+    return sorted(found, key=lambda p: -p["score"])
+
+
 def _overlaps(box: Sequence[int], detections: Sequence[Detection]) -> tuple[float, float]:
     """(largest share of any object covered, of the product covered), each in [0, 1]."""
     worst = product = 0.0
@@ -517,6 +580,15 @@ def plan(img: Image.Image, copy: str, detections: Sequence[Detection], faces: Se
             return {"proposals": _finalise(search, found, False), "fallback": "headline", "image_text": head,
                     "caption_text": _caption_rest(copy, head), "search": search}
     attempts.append("no headline of the copy fits such a block either")
+
+    for text in [copy, *headlines(copy)]:
+        found = extensions(search, text)
+        if found:
+            return {"proposals": found, "fallback": "extend" if text == copy else "headline+extend",
+                    "image_text": text, "caption_text": "" if text == copy else _caption_rest(copy, text),
+                    "search": search}
+    attempts.append(f"no band added above or below the photo holds even its headline within {MAX_BLOCK_SHARE:.0%} "
+                    "of the canvas")
 
     for text in [copy, *headlines(copy)]:
         bands = search.bands(text)

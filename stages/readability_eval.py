@@ -20,7 +20,11 @@ from stages.contract import PermanentStageError, StageInput, StageOutput
 THRESHOLDS = legibility.thresholds()
 
 def _drawn_on(base: Image.Image, overlay: Mapping[str, Any], size: tuple[int, int]) -> Image.Image:
-    """The image the overlay stage drew text onto: the original plus its scrim, if any."""
+    """The image the overlay stage drew text onto: the original (on its extended canvas, if the
+    planner extended it) plus its scrim, if any."""
+    canvas = imaging.parse_canvas(overlay.get("canvas"), base.size)
+    if canvas:
+        base = imaging.extend_canvas(base, canvas)
     if base.size != size:
         raise PermanentStageError(
             f"overlay image is {size[0]}x{size[1]} but the original is {base.size[0]}x{base.size[1]}"

@@ -203,33 +203,57 @@ def test_a_copy_too_long_for_any_block_never_fails_the_variant():
     assert chosen(result)["css_px"] >= legibility.MIN_CSS_PX
 
 
-def test_rung_3_full_width_band_with_a_backing_at_an_edge():
-    # A product filling all but slivers at the edges: no block fits beside it, a band does.
+def test_rung_3_the_canvas_grows_a_band_outside_the_photo_in_its_edge_colour():
+    # A product filling all but slivers at the edges: no block fits beside it, and text over the
+    # product is never right: the copy goes on a band added above or below the photo.
     product = (0, 30, 800, 570)
-    result = plan("SUMMER SALE", scene(product), yolo_result([product]))
-    assert result["fallback"] == "band"
+    img = scene(product)
+    result = plan("SUMMER SALE", img, yolo_result([product]))
+    assert result["fallback"] == "extend"
     best = chosen(result)
+    canvas = best["canvas"]
+    width, height = SCENE_SIZE
+    band = canvas["size"][1] - height
+    assert canvas["size"][0] == width and 0 < band <= planner.MAX_BLOCK_SHARE * canvas["size"][1]
     x1, y1, x2, y2 = best["box"]
-    assert (x1, x2) == (0, SCENE_SIZE[0]) and (y1 == 0 or y2 == SCENE_SIZE[1])
-    assert best["backing"] is True and best["region"] in ("band_top", "band_bottom")
+    if best["region"] == "extend_top":
+        assert canvas["offset"] == [0, band] and (y1, y2) == (0, band)
+    else:
+        assert best["region"] == "extend_bottom" and canvas["offset"] == [0, 0] and (y1, y2) == (height, height + band)
+    assert (x1, x2) == (0, width) and best["backing"] is False
+    # The band continues the photo's edge and the text reads on it.
+    edge = img.crop((0, 0, width, 30) if best["region"] == "extend_top" else (0, height - 30, width, height))
+    edge_rgb = np.asarray(edge, dtype=np.float64).reshape(-1, 3).mean(axis=0)
+    assert max(abs(a - b) for a, b in zip(edge_rgb, imaging.hex_to_rgb(canvas["color"]))) <= 12
+    assert best["scores"]["contrast"] >= imaging.WCAG_AA_NORMAL and best["scores"]["subject_covered"] == 0.0
+    assert best["css_px"] >= legibility.MIN_CSS_PX
 
 
-def test_band_never_covers_a_face_and_says_why_when_nothing_is_left():
+def test_faces_everywhere_still_leave_the_extension_and_the_last_rung_says_why(monkeypatch):
     img = Image.new("RGB", SCENE_SIZE, (200, 200, 200))
     everywhere = saliency.Face((0.0, 0.0, 800.0, 600.0), 1.0, (0.0, 0.0, 800.0, 600.0))
+    found = planner.plan(img, "SUMMER SALE", [], faces=[everywhere])
+    assert found["fallback"] == "extend" and found["proposals"][0]["canvas"]
+    # Were no extension possible either (none fits its share of the canvas at a legible size):
+    monkeypatch.setattr(planner, "extensions", lambda search, text: [])
     with pytest.raises(PermanentStageError, match="no place for the ad copy") as err:
         planner.plan(img, "SUMMER SALE", [], faces=[everywhere])
-    assert "covering a face" in str(err.value) and err.value.details["faces"] == [[0.0, 0.0, 800.0, 600.0]]
-    # A face across the middle leaves the top edge: the band goes there, above the face.
+    assert "above or below the photo" in str(err.value) and "covering a face" in str(err.value)
+
+
+def test_a_band_over_the_photo_never_touches_a_face():
+    search = planner._Search(Image.new("RGB", SCENE_SIZE, (40, 90, 160)), [], [])
+    bands = search.bands("SUMMER SALE")
     middle = saliency.Face((250.0, 200.0, 550.0, 560.0), 1.0, (0.0, 30.0, 800.0, 600.0))
-    found = planner.plan(img, "SUMMER SALE", [], faces=[middle])
-    assert found["fallback"] == "band" and found["proposals"][0]["box"][1] == 0
-    assert found["proposals"][0]["box"][3] <= 200 - planner.FACE_CLEARANCE * 360
+    clear_of_face = planner._Search(Image.new("RGB", SCENE_SIZE, (40, 90, 160)), [], [middle]).bands("SUMMER SALE")
+    assert bands and all(c.box[0] == 0 and c.box[2] == SCENE_SIZE[0] for c in bands)
+    assert clear_of_face and all(c.box[3] <= 200 - planner.FACE_CLEARANCE * 360 for c in clear_of_face)
 
 
 def test_run_reports_the_ladder_failure_per_variant(monkeypatch):
     everywhere = saliency.Face((0.0, 0.0, 800.0, 600.0), 1.0, (0.0, 0.0, 800.0, 600.0))
     monkeypatch.setattr(saliency, "find_faces", lambda img, people=None: [everywhere])
+    monkeypatch.setattr(planner, "extensions", lambda search, text: [])  # as if no band fitted either
     with pytest.raises(PermanentStageError, match="no place for the ad copy on this 800x600 image"):
         plan("SUMMER SALE", yolo=yolo_result([], product_index=None))
 
