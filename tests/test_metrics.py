@@ -177,6 +177,24 @@ def test_a_failure_counts_only_the_job_end_its_own_transaction_made(conn, db_url
     assert value(m, "adflow_job_duration_seconds_count", outcome="failed") == 0
 
 
+def test_a_job_failed_by_a_lease_rescue_is_counted_by_the_rescuing_worker(conn, db_url, home, tiny_png, tmp_path):
+    # A one-variant job whose task's worker died on its last attempt: the next worker's rescue
+    # fails the task for good, which fails the job (no variant left), and that worker counts it.
+    job = submit(conn, tiny_png, "Sale", variants=1)
+    conn.execute("UPDATE stage_tasks SET status = 'running', attempts = max_attempts, lease_owner = 'dead-worker', "
+                 "lease_expires_at = now() - interval '1 s', started_at = now() WHERE job_id = %s", (job,))
+    worker, port = start_worker(db_url, tmp_path)
+    try:
+        wait_until(lambda: value(scrape(port), "adflow_jobs_finished_total", outcome="failed") == 1,
+                   what="the rescued job counted", detail=worker.output)
+        m = scrape(port)
+    finally:
+        assert worker.stop() == 0, worker.output()
+    assert conn.execute("SELECT outbox_job_state(status, current_step) AS s FROM jobs WHERE job_id = %s",
+                        (job,)).fetchone()["s"] == "failed"
+    assert value(m, "adflow_lease_rescues_total") == 1 and value(m, "adflow_job_duration_seconds_count", outcome="failed") == 1
+
+
 def build_info(m: Metrics) -> dict:
     [family] = [f for f in m.registry.collect() if f.name == "adflow_build_info"]
     [sample] = family.samples

@@ -107,7 +107,12 @@ class Completer(Service):
         ended the job. A variant's failure ends it only when it was the last variant left and no
         variant succeeded, which only the database can tell: one query per failure for good (as
         rare as a finished job), never per task."""
-        self._count_job_failure(task)
+        self._count_job_failure(task.id, task_fields(task))
+
+    def rescue_failed(self, task_id: int) -> None:
+        """This worker's lease rescue failed task `task_id` for good (its last attempt's worker
+        died): counted like a failure for good, if it ended the job."""
+        self._count_job_failure(task_id, {"task_id": task_id})
 
     def _job_done(self, task: ClaimedTask) -> None:
         """`task`, a job-level task whose completion this worker committed: the fence accepted it
@@ -121,23 +126,23 @@ class Completer(Service):
             # An outside writer may set created_at (the jobs table is shared): never below 0.
             self.metrics.job_duration.labels("done").observe(max(0.0, time.time() - task.job_created_at.timestamp()))
 
-    def _count_job_failure(self, task: ClaimedTask) -> None:
+    def _count_job_failure(self, task_id: int, fields: dict) -> None:
         # Apart from the commit loop and the settles: the query must not delay the next group
         # commit, nor hold the task's slot.
-        check = asyncio.create_task(self._job_failed(task), name="job-end")
+        check = asyncio.create_task(self._job_failed(task_id, fields), name="job-end")
         self.job_ends.add(check)
         check.add_done_callback(self.job_ends.discard)
 
-    async def _job_failed(self, task: ClaimedTask) -> None:
-        """`task` failed for good here: whether that failure ended its job, which costs one query
-        (made only for a failure for good)."""
+    async def _job_failed(self, task_id: int, fields: dict) -> None:
+        """Task `task_id` failed for good here: whether that failure ended its job, which costs one
+        query (made only for a failure for good)."""
         try:
             async with self.pool.connection() as conn:
-                row = await (await conn.execute(JOB_FAILED_BY, (task.id,))).fetchone()
+                row = await (await conn.execute(JOB_FAILED_BY, (task_id,))).fetchone()
         except Exception as exc:
-            log.warning("metrics: could not tell whether task %s (%s) ended job %s, or when: %s; its end may be "
-                        "missing from adflow_jobs_finished_total and adflow_job_duration_seconds", task.id,
-                        task.stage, task.job_id, describe_error(exc), extra=task_fields(task))
+            log.warning("metrics: could not tell whether the failure of task %s ended its job, or when: %s; its end "
+                        "may be missing from adflow_jobs_finished_total and adflow_job_duration_seconds", task_id,
+                        describe_error(exc), extra=fields)
             return
         if row is None:
             return  # the job goes on (other variants), or another transaction ended it

@@ -125,6 +125,8 @@ class Dispatcher(Service):
                 for row in rescued:
                     log.warning("recovery: task %s had an expired lease: %s", row["id"], row["outcome"])
                     self.metrics.lease_rescues.inc()
+                    if row["outcome"] == "failed":  # its last attempt: that may end the job
+                        self.executor.completer.rescue_failed(row["id"])
             seconds = None
             while not state.stopping:
                 if not state.may_claim():
