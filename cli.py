@@ -503,8 +503,8 @@ def replay_failed(
         with errors_to_exit_codes():
             if tenant is not None:
                 validate_tenant(tenant)
-            if stage and stage not in stage_graph.read(conn):
-                raise InvalidInput(f"unknown stage {stage!r}; stages are: {', '.join(stage_graph.read(conn).names())}")
+            if stage and stage not in (graph := stage_graph.read(conn)):
+                raise InvalidInput(f"unknown stage {stage!r}; stages are: {', '.join(graph.names())}")
             if task is not None:
                 found = conn.execute("SELECT t.status, j.tenant_id FROM stage_tasks t JOIN jobs j ON j.job_id = t.job_id "
                                      "WHERE t.id = %s", (task,)).fetchone()
@@ -544,7 +544,8 @@ def run_stage(
 
     setup_logging("run-stage")
     with database() as conn:
-        if stage in stage_graph.read(conn) and stage_graph.read(conn).get(stage).level == "job":
+        graph = stage_graph.read(conn)
+        if stage in graph and graph.get(stage).level == "job":
             subject = resolve(conn, subject)  # a job stage's subject is a job: a prefix or latest will do
         with errors_to_exit_codes():
             task = find_task(conn, subject, stage)

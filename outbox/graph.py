@@ -13,7 +13,7 @@ GRAPH = "SELECT stage, level, after_step, device, max_attempts, timeout_s FROM s
 
 
 class UnknownStage(ValueError):
-    pass
+    """A stage the graph does not have; its message lists those it does."""
 
 
 @dataclass(frozen=True)
@@ -74,27 +74,23 @@ def _key(conn) -> tuple:
     return (info.host, info.port, info.dbname)
 
 
-def _keep(key: tuple, graph: StageGraph) -> StageGraph:
+def _cached(conn) -> StageGraph | None:
+    with _lock:
+        return _cache.get(_key(conn))
+
+
+def _keep(conn, rows: list[dict]) -> StageGraph:
+    graph = StageGraph.from_rows(rows)
     if graph.stages:  # an empty table is a database being migrated: ask again next time
         with _lock:
-            _cache[key] = graph
+            _cache[_key(conn)] = graph
     return graph
 
 
 def read(conn: Connection) -> StageGraph:
-    key = _key(conn)
-    with _lock:
-        graph = _cache.get(key)
-    if graph is None:
-        graph = _keep(key, StageGraph.from_rows(conn.execute(GRAPH).fetchall()))
-    return graph
+    return _cached(conn) or _keep(conn, conn.execute(GRAPH).fetchall())
 
 
 async def read_async(conn) -> StageGraph:
     """read() for the worker's async connections (the same cache)."""
-    key = _key(conn)
-    with _lock:
-        graph = _cache.get(key)
-    if graph is None:
-        graph = _keep(key, StageGraph.from_rows(await (await conn.execute(GRAPH)).fetchall()))
-    return graph
+    return _cached(conn) or _keep(conn, await (await conn.execute(GRAPH)).fetchall())

@@ -13,6 +13,7 @@ from psycopg.types.json import Jsonb
 
 # The tenant rule lives with the artifact keys (outbox.artifacts): the worker and every store check
 # the same one. Re-exported here for callers that import it from this module.
+from outbox import graph as stage_graph
 from outbox.artifacts import TENANT_PATTERN, ArtifactStore, InvalidTenant, asset_key, check_tenant  # noqa: F401
 
 MAX_COPY_CHARS = 2000
@@ -180,8 +181,6 @@ def job_detail(conn: Connection, job_id: str) -> dict:
 def find_task(conn: Connection, subject_id: str, stage: str) -> dict:
     """The task of `stage` for a variant id or a job id (for run-stage)."""
     subject_id = validate_uuid(subject_id, "variant or job id")
-    from outbox import graph as stage_graph
-
     try:
         graph = stage_graph.read(conn).get(stage)
     except stage_graph.UnknownStage as exc:

@@ -113,7 +113,8 @@ stage_tasks = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now()),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
-    # Every ended attempt, oldest first (migration 0006, outbox_attempt_ended).
+    # The attempts that ended other than done, oldest first (migration 0006); outbox_attempts()
+    # adds the one that succeeded, which is the row itself.
     Column("attempt_log", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
     CheckConstraint(_status_check),
     Index("stage_tasks_variant_stage_key", "job_variants_id", "stage", unique=True,

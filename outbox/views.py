@@ -15,6 +15,7 @@ from decimal import Decimal
 
 from psycopg import Connection
 
+from outbox import graph as stage_graph
 from outbox.jobs import InvalidInput, NotFound, job_detail as _job_detail, validate_tenant, validate_uuid
 
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -156,9 +157,7 @@ def _job_row(row: dict) -> dict:
 
 def steps(conn: Connection) -> list[str]:
     """The graph's stages in pipeline order: what list_jobs' `stage` takes."""
-    from outbox import graph
-
-    return graph.read(conn).names()
+    return stage_graph.read(conn).names()
 
 
 def list_jobs(conn: Connection, tenant: str | None = None, status: str | None = None, stage: str | None = None,

@@ -49,9 +49,7 @@ def _lightness(img: Image.Image) -> np.ndarray:
 def _work_copy(img: Image.Image) -> Image.Image:
     # Both measures are statistics of the whole frame: a copy at SHARPNESS_SIDE gives them for a
     # fraction of the pixels, and a fixed scale keeps sharpness independent of the upload size.
-    scale = min(1.0, SHARPNESS_SIDE / max(img.size))
-    return img if scale >= 1.0 else img.resize(
-        (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR)
+    return imaging.downscaled(img, SHARPNESS_SIDE)[0]
 
 
 def exposure(img: Image.Image) -> dict:

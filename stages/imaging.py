@@ -262,6 +262,17 @@ def encode_jpeg(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def downscaled(img: Image.Image, max_side: int) -> tuple[Image.Image, float]:
+    """A bilinear copy whose longer side is at most max_side (the image itself when it already
+    fits), and the scale from the image to it: the analysis thumbnails of the planner, the face
+    search and the image-quality measure."""
+    scale = min(1.0, max_side / max(img.size))
+    if scale >= 1.0:
+        return img, 1.0
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.BILINEAR), scale
+
+
 def rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.float64)
 

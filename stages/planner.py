@@ -108,9 +108,8 @@ class _Maps:
     """Per-pixel maps of a thumbnail, with integrals for fast box means."""
 
     def __init__(self, img: Image.Image, subject: np.ndarray):
-        self.scale = min(1.0, ANALYSIS_MAX_SIDE / max(img.size))
-        size = (max(1, round(img.width * self.scale)), max(1, round(img.height * self.scale)))
-        thumb = img.resize(size, Image.Resampling.BILINEAR) if self.scale < 1.0 else img
+        thumb, self.scale = imaging.downscaled(img, ANALYSIS_MAX_SIDE)
+        size = thumb.size
         grey = imaging.grey_array(thumb)
         self.rgb = imaging.rgb_array(thumb)
         self.luminance = imaging.relative_luminance(self.rgb)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from stages import imaging
+
 # A Sobel response (kernel normalised by 1/8) of EDGE_THRESHOLD means a step of about twice that in
 # grey levels: a visible edge or fine texture, well above JPEG noise and soft gradients.
 EDGE_THRESHOLD = 10.0
@@ -192,10 +194,7 @@ def _detect(img: Image.Image, offset: tuple[float, float] = (0.0, 0.0), upsample
             ) -> list[tuple[tuple, float]]:
     """(box in the full image's pixels, score) of every frontal face in `img`, a crop at `offset`."""
     detector = _face_detector()
-    scale = min(1.0, FACE_WORK_SIDE / max(img.size))
-    work = img if scale >= 1.0 else img.resize(
-        (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR
-    )
+    work, scale = imaging.downscaled(img, FACE_WORK_SIDE)
     grey = np.ascontiguousarray(np.asarray(work.convert("L"), dtype=np.uint8))
     rects, scores, _ = detector.run(grey, upsample, FACE_MIN_SCORE)
     ox, oy = offset
