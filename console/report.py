@@ -181,21 +181,6 @@ def first_line(text: Any, limit: int = 300) -> str:
     return lines[0][:limit] if lines else ""
 
 
-def variant_state(status: str | None, step: str | None, last_stage: str | None) -> str:
-    """The database's rule (outbox_variant_state), so the report counts variants as `status` does:
-    a variant at (planner, done) is between stages, not done."""
-    if status in ("failed", "cancelled", "running"):
-        return status
-    return "done" if status == "done" and step == last_stage else "queued"
-
-
-def job_state(status: str | None, step: str | None, last_stage: str | None) -> str:
-    """The database's rule (outbox_job_state): open, done, failed or cancelled."""
-    if status in ("failed", "cancelled"):
-        return status
-    return "done" if status == "done" and step == last_stage else "open"
-
-
 def scroll(table: str) -> str:
     """A table in a box of its own that scrolls sideways, so a wide table never widens the page."""
     return f'<div class="scroll">{table}</div>'
@@ -240,9 +225,10 @@ class Report:
         self.ranking = {row["variant_id"]: row for row in post.get("ranking") or []}
         self.chosen = post.get("chosen_variant_id") or next((v["variant_id"] for v in self.variants if v.get("selected")), None)
         self.orders = {v["variant_id"]: v["creation_order"] for v in self.variants}
-        self.states = {v["variant_id"]: variant_state(v["status"], v["current_step"], self.variant_stages[-1] if self.variant_stages else None)
-                       for v in self.variants}
-        self.state = job_state(self.job["status"], self.job["current_step"], self.job_stages[-1] if self.job_stages else None)
+        # The database's rules (outbox_variant_state, outbox_job_state, read by outbox/report.py):
+        # a variant between two stages is queued, not done, as `status` counts it.
+        self.states = {v["variant_id"]: v["state"] for v in self.variants}
+        self.state = self.job["state"]
         self.now = parse_time(data.get("generated_at")) or datetime.now(timezone.utc)
 
     # images

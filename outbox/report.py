@@ -26,14 +26,16 @@ def gather(conn: Connection, job_id: str) -> dict:
     """The report's data for one job (finished or not), in plain dicts."""
     job_id = validate_uuid(job_id, "job id")
     job = conn.execute(
-        "SELECT j.job_id::text, j.tenant_id, j.status, j.current_step, j.created_at, j.updated_at, "
+        "SELECT j.job_id::text, j.tenant_id, j.status, j.current_step, "
+        "outbox_job_state(j.status, j.current_step) AS state, j.created_at, j.updated_at, "
         "i.ad_copy, i.extra FROM jobs j LEFT JOIN job_inputs i ON i.job_id = j.job_id WHERE j.job_id = %s",
         (job_id,)).fetchone()
     if job is None:
         raise NotFound(f"no job {job_id}")
     graph = stage_graph.read(conn).rows()
     variants = conn.execute(
-        "SELECT v.job_variants_id::text AS variant_id, v.creation_order, v.status, v.current_step, v.selected, "
+        "SELECT v.job_variants_id::text AS variant_id, v.creation_order, v.status, v.current_step, "
+        "outbox_variant_state(v.status, v.current_step) AS state, v.selected, "
         "v.updated_at, v.img_asset_id::text, a.uri AS asset_uri, a.mime_type AS asset_mime, "
         "a.byte_size AS asset_bytes FROM jobs_variants v LEFT JOIN image_assets a ON a.image_asset_id = v.img_asset_id "
         "WHERE v.job_id = %s ORDER BY v.creation_order, v.job_variants_id", (job_id,)).fetchall()

@@ -229,9 +229,9 @@ def job_page(request: Request) -> Response:
         job_id = views.resolve_job(conn, ref)
         if job_id != ref:  # a prefix or `latest`: the page follows one job, by its full id
             return RedirectResponse(f"/jobs/{job_id}", status_code=303)
-        detail = views.job_detail(conn, job_id)
+        summary = views.job_summary(conn, job_id)
         data = gather(conn, job_id)
-    view = JobView(data, detail)
+    view = JobView(data, summary)
     did = request.query_params.get("did")
     return render(request, "job.html", {
         "nav": "jobs", "v": view, "job": data["job"], "did": did if did in ("replayed", "cancelled", "nothing") else None,

@@ -39,19 +39,18 @@ def seconds_between(start: datetime | None, end: datetime | None) -> float | Non
 
 
 class JobView:
-    def __init__(self, data: Mapping[str, Any], detail: Mapping[str, Any], now: datetime | None = None):
-        """data: outbox.report.gather (results, assets); detail: outbox.views.job_detail (the
-        database's true states, where the job is, lease owners)."""
+    def __init__(self, data: Mapping[str, Any], summary: Mapping[str, Any], now: datetime | None = None):
+        """data: outbox.report.gather (states, tasks with their lease owners and attempts,
+        results, assets); summary: outbox.views.job_summary (the job's row in `jobs`: its true
+        state, where its variants are, the variants by state)."""
         self.data = data
-        self.detail = detail
+        self.summary = summary
         self.now = now or datetime.now(timezone.utc)
         self.job = data["job"]
         self.graph = data["graph"]
         self.variant_stages = [g["stage"] for g in self.graph if g["level"] == "variant"]
         self.job_stages = [g["stage"] for g in self.graph if g["level"] == "job"]
-        live = {t["id"]: t for t in detail.get("tasks") or []}
-        # The report's tasks with what only the detail has (lease owner and expiry).
-        self.job_tasks = {stage: {**t, **live.get(t["id"], {})} for stage, t in (data.get("job_tasks") or {}).items()}
+        self.job_tasks = dict(data.get("job_tasks") or {})
         self.job_results = data.get("job_results") or {}
         self.post = self.job_results.get("instagram_feed_gen") or None
         self.orders = {v["variant_id"]: v["creation_order"] for v in data["variants"]}
@@ -60,13 +59,12 @@ class JobView:
         self.rank_of = {row.get("variant_id"): row for row in self.ranking}
         self.chosen_id = (self.post or {}).get("chosen_variant_id") or next(
             (v["variant_id"] for v in data["variants"] if v.get("selected")), None)
-        states = {v["variant_id"]: v.get("state") for v in detail.get("variants") or []}
-        self.variants = [self._variant(v, states.get(v["variant_id"]) or v["status"], live) for v in data["variants"]]
+        self.variants = [self._variant(v) for v in data["variants"]]
 
     # --- states (the database's rule, through outbox.views)
     @property
     def state(self) -> str:
-        return self.detail["status"]
+        return self.summary["status"]
 
     @property
     def finished(self) -> bool:
@@ -75,18 +73,17 @@ class JobView:
     @property
     def headline(self) -> str:
         """How the variants stand, in words: "1 of 3 variants failed, 2 queued"."""
-        counts = self.detail.get("variants_by_state") or {}
-        total = self.detail.get("variant_count", len(self.variants))
+        counts = self.summary.get("variants_by_state") or {}
+        total = self.summary.get("variants", len(self.variants))
         parts = [f"{counts[s]} of {total} variant{'s' if total != 1 else ''} {s}"
                  for s in ("failed", "cancelled", "done") if counts.get(s)]
         parts += [f"{counts[s]} {s}" for s in ("running", "queued") if counts.get(s)]
         return ", ".join(parts) or "no variants yet"
 
-    def _variant(self, v: Mapping[str, Any], state: str, live: Mapping[int, Mapping]) -> dict:
-        tasks = {stage: {**t, **live.get(t["id"], {})} for stage, t in v["tasks"].items()}
+    def _variant(self, v: Mapping[str, Any]) -> dict:
+        tasks = v["tasks"]
         return {
             **v,
-            "state": state,
             "chosen": v["variant_id"] == self.chosen_id,
             "rank": self.rank_of.get(v["variant_id"]),
             "stages": [(stage, tasks.get(stage)) for stage in self.variant_stages],
