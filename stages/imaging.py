@@ -396,10 +396,11 @@ class ContrastTable:
         return float(np.partition(np.asarray(contrast_ratio(a, near)), k)[k])
 
 
-def parse_canvas(raw: Any, photo_size: tuple[int, int]) -> dict | None:
+def parse_canvas(raw: Any, photo_size: tuple[int, int] | None = None) -> dict | None:
     """The planner's canvas extension (a band outside the photo for the copy), checked against the
-    photo it extends: {"size": [W, H], "offset": [x, y], "photo_size": [w, h], "color": "#rrggbb"},
-    the photo pasted at offset on a W x H canvas of that colour. None: no extension."""
+    photo it extends when its size is known: {"size": [W, H], "offset": [x, y], "photo_size": [w, h],
+    "color": "#rrggbb"}, the photo pasted at offset on a W x H canvas of that colour. None: no
+    extension."""
     if not raw:
         return None
     try:
@@ -409,7 +410,7 @@ def parse_canvas(raw: Any, photo_size: tuple[int, int]) -> dict | None:
         colour = parse_colour(raw["color"], "canvas color")
     except (KeyError, TypeError, ValueError) as exc:
         raise PermanentStageError(f"planner canvas extension is malformed: {type(exc).__name__}: {exc}") from None
-    if tuple(photo) != tuple(photo_size):
+    if photo_size is not None and tuple(photo) != tuple(photo_size):
         raise PermanentStageError(f"canvas extension is for a {photo[0]}x{photo[1]} photo, the image is "
                                   f"{photo_size[0]}x{photo_size[1]}")
     if not (0 <= offset[0] and 0 <= offset[1] and offset[0] + photo[0] <= size[0] and offset[1] + photo[1] <= size[1]):

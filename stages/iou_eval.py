@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from stages import imaging
 from stages.boxes import area, covered_area, read_detections, read_text_boxes, union_area
 from stages.contract import PermanentStageError, StageInput, StageOutput
 
@@ -23,15 +24,12 @@ def run(inp: StageInput) -> StageOutput:
         raise PermanentStageError("neither overlay nor yolo_detect records the image size")
     width, height = (int(round(float(v))) for v in size)
     text_area = union_area(text_boxes)
-    canvas = overlay.get("canvas")
+    canvas = imaging.parse_canvas(overlay.get("canvas"))
     if canvas:
         # The photo sits at an offset on the planner's extended canvas: its objects move with it.
-        try:
-            (pw, ph), (ox, oy) = ([int(v) for v in canvas["photo_size"]], [int(v) for v in canvas["offset"]])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PermanentStageError(f"overlay canvas is malformed: {type(exc).__name__}: {exc}") from None
+        (ox, oy) = canvas["offset"]
         detections = [replace(d, box=(d.box[0] + ox, d.box[1] + oy, d.box[2] + ox, d.box[3] + oy))
-                      for d in read_detections(inp.results.get("yolo_detect"), (pw, ph))]
+                      for d in read_detections(inp.results.get("yolo_detect"), tuple(canvas["photo_size"]))]
     else:
         detections = read_detections(inp.results.get("yolo_detect"), (width, height))
 

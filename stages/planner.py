@@ -415,18 +415,17 @@ def extensions(search: _Search, text: str) -> list[dict]:
     width, height = search.size
     m = margin(search.size)
     maps = search.maps
-    th = maps.rgb.shape[0]
-    strip = max(1, int(round(EXTEND_EDGE * th)))
-    edges = {"extend_top": (maps.rgb[:strip], (0, 0, width, max(1, round(EXTEND_EDGE * height)))),
-             "extend_bottom": (maps.rgb[-strip:], (0, height - max(1, round(EXTEND_EDGE * height)), width, height))}
+    strip = max(1, round(EXTEND_EDGE * maps.rgb.shape[0]))  # in thumbnail rows
+    edge = max(1, round(EXTEND_EDGE * height))  # in image rows
+    edges = {"extend_top": (maps.rgb[:strip], (0, 0, width, edge)),
+             "extend_bottom": (maps.rgb[-strip:], (0, height - edge, width, height))}
     largest = search.sizes[0]
     found: list[dict] = []
     for region, (pixels, edge_box) in edges.items():
         band_rgb = tuple(int(round(v)) for v in pixels.reshape(-1, 3).mean(axis=0))
         band_lum = imaging.relative_luminance(band_rgb)
-        colour = max([*maps.palette, BLACK, WHITE],
-                     key=lambda c: imaging.contrast_ratio(imaging.colour_luminance(tuple(c)), band_lum))
-        contrast = float(imaging.contrast_ratio(imaging.colour_luminance(tuple(colour)), band_lum))
+        contrast, colour = max((float(imaging.contrast_ratio(imaging.colour_luminance(tuple(c)), band_lum)), tuple(c))
+                               for c in [*maps.palette, BLACK, WHITE])
         busy = float(_box_means(maps.edges, *maps.cells(*edge_box)))
         for font_size in search.sizes:
             pad = textlayout.padding(font_size)

@@ -19,9 +19,10 @@ from stages.contract import PermanentStageError, StageInput, StageOutput
 
 THRESHOLDS = legibility.thresholds()
 
-def _drawn_on(base: Image.Image, overlay: Mapping[str, Any], size: tuple[int, int]) -> Image.Image:
+def _drawn_on(inp: StageInput, overlay: Mapping[str, Any], size: tuple[int, int]) -> Image.Image:
     """The image the overlay stage drew text onto: the original (on its extended canvas, if the
     planner extended it) plus its scrim, if any."""
+    base = imaging.load_image(inp.image)
     canvas = imaging.parse_canvas(overlay.get("canvas"), base.size)
     if canvas:
         base = imaging.extend_canvas(base, canvas)
@@ -44,7 +45,7 @@ def run(inp: StageInput) -> StageOutput:
     overlay = inp.results.get("overlay")
     lines = read_text_boxes(overlay, "there is no rendered text to measure")
     rendered = imaging.artifact_image(inp.read_artifact, overlay, "overlay.png", "overlay")
-    drawn_on = _drawn_on(imaging.load_image(inp.image), overlay, rendered.size)
+    drawn_on = _drawn_on(inp, overlay, rendered.size)
     text_rgb = imaging.parse_colour(overlay.get("text_color", "#000000"), "overlay text_color")
     limits = parse_box(overlay["box"], "overlay text block") if overlay.get("box") else None
     bold = legibility.is_bold(str(overlay.get("font") or fonts.font_path()))
