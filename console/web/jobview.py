@@ -7,6 +7,8 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
+from console.report import span  # seconds between two times, None when either is unknown
+
 FINAL_TASK_STATES = ("done", "failed", "cancelled")
 
 
@@ -30,12 +32,6 @@ def job_keys(data: Mapping[str, Any]) -> set[str]:
         if v.get("asset_uri"):
             keys.add(v["asset_uri"])
     return keys
-
-
-def seconds_between(start: datetime | None, end: datetime | None) -> float | None:
-    if start is None or end is None:
-        return None
-    return max(0.0, (end - start).total_seconds())
 
 
 class JobView:
@@ -130,12 +126,12 @@ class JobView:
         ends = [t[k] for _, t in tasks for k in ("finished_at", "started_at", "created_at") if t.get(k)]
         if any(t["status"] in ("running", "queued") for _, t in tasks) and not self.finished:
             ends.append(self.now)
-        total = max(1e-3, max((seconds_between(origin, e) or 0.0 for e in ends), default=0.0))
+        total = max(1e-3, max((span(origin, e) or 0.0 for e in ends), default=0.0))
         lanes: dict[str, list[dict]] = {}
         for lane, t in tasks:
-            created = seconds_between(origin, t.get("created_at")) or 0.0
-            started = seconds_between(origin, t.get("started_at"))
-            ended = seconds_between(origin, t.get("finished_at"))
+            created = span(origin, t.get("created_at")) or 0.0
+            started = span(origin, t.get("started_at"))
+            ended = span(origin, t.get("finished_at"))
             if ended is None and t["status"] not in FINAL_TASK_STATES:
                 ended = total
             run_from = started if started is not None else (ended if ended is not None else total)
@@ -146,7 +142,7 @@ class JobView:
                 "run_left": 100 * run_from / total,
                 "run_width": max(0.5, 100 * ((ended if ended is not None else run_from) - run_from) / total)
                 if started is not None else 0.0,
-                "took": seconds_between(t.get("started_at"), t.get("finished_at")),
+                "took": span(t.get("started_at"), t.get("finished_at")),
             }
             lanes.setdefault(lane, []).append(bar)
         return {"total_s": total, "lanes": list(lanes.items())}
