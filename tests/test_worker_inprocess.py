@@ -4,6 +4,7 @@ state's lifecycle, the database's rows), never on log text or a sleep."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 from outbox import config
 from outbox.artifacts import open_store
@@ -126,3 +127,44 @@ def test_the_claim_mode_transitions_live_in_one_place():
     state.wake.clear()
     state.task_done(2)
     assert state.may_claim() and state.wake.is_set()
+
+
+def test_the_hop_trace_stamps_each_task_claimed_then_started(conn, db_url, home, tiny_png, tmp_path, monkeypatch):
+    """bench/hop_profile.py reads these stamps: every task is claimed (by the dispatcher after a
+    notification, or riding on a completion) before a stage thread starts on it, and a
+    notification was heard before the first claim."""
+    from workers import trace
+
+    monkeypatch.setattr(trace, "_DIR", str(tmp_path))
+    monkeypatch.setattr(trace, "_file", None)
+    worker = make_worker(db_url)
+
+    async def scenario():
+        run = asyncio.create_task(worker.run())
+        await asyncio.wait_for(worker.state.serving.wait(), 30)
+        # Submitted once the worker listens, so that its first claim follows a notification.
+        job_id = await asyncio.to_thread(submit, conn, tiny_png, "Fresh coffee", 2)
+        finished = await until_finished(worker, job_id)
+        worker.request_stop("test")
+        await asyncio.wait_for(run, 30)
+        return job_id, finished
+
+    job_id, finished = asyncio.run(scenario())
+    assert finished == "done"
+    trace._file.close()
+    stamps: dict[tuple[str, int], float] = {}
+    heard = []
+    for line in (tmp_path / f"trace-{os.getpid()}.tsv").read_text().splitlines():
+        at, step, ids = line.split("\t")
+        if step == "heard":
+            heard.append(float(at))
+        for i in filter(None, ids.split(",")):
+            stamps.setdefault((step, int(i)), float(at))
+    ids = [r["id"] for r in conn.execute("SELECT id FROM stage_tasks WHERE job_id = %s", (job_id,)).fetchall()]
+    assert len(ids) == 2 * 8 + 2
+    for task_id in ids:
+        took = [stamps[(s, task_id)] for s in ("claimed", "rode") if (s, task_id) in stamps]
+        assert len(took) == 1, (task_id, took)  # claimed exactly one way
+        assert took[0] <= stamps[("thread", task_id)]
+    first_claim = min(stamps[("claimed", i)] for i in ids if ("claimed", i) in stamps)
+    assert heard and min(heard) <= first_claim

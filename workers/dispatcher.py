@@ -12,6 +12,7 @@ from outbox.queue import ClaimedTask
 from outbox.errors import describe_error
 from workers.executor import MIN_DEADLINE_WAIT_S, Executor
 from workers.logs import task_fields
+from workers import trace
 from workers.pool import UNREACHABLE
 from workers.state import ClaimMode, Service
 
@@ -93,6 +94,7 @@ class Dispatcher(Service):
         loop = asyncio.get_running_loop()
         self.reserved = 0
         tasks, seconds = queue.split_claim(rows)
+        trace.step("rode", (t.id for t in tasks))
         if seconds is not None:
             self.deadline = loop.time() + max(seconds, MIN_DEADLINE_WAIT_S)
             if self.waiting_until is None or self.deadline < self.waiting_until:
@@ -140,6 +142,7 @@ class Dispatcher(Service):
                 rows = await (await conn.execute(queue.CLAIM, (
                     self.owner, list(state.stages), free, self.settings.lease_s, None, not state.in_flight))).fetchall()
                 tasks, seconds = queue.split_claim(rows)
+                trace.step("claimed", (t.id for t in tasks))
                 state.claimed(tasks, queue.suspect_waiting(rows))
                 self.executor.start(tasks)
                 if state.claim_mode is ClaimMode.ALONE:

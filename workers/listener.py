@@ -11,6 +11,7 @@ from psycopg.conninfo import make_conninfo
 
 from outbox import db, queue
 from outbox.errors import describe_error
+from workers import trace
 from workers.state import Service
 
 log = logging.getLogger("workers")
@@ -57,6 +58,7 @@ class Listener(Service):
                         heard = False
                         async for note in conn.notifies(timeout=self.settings.liveness_s):
                             heard = True
+                            trace.step("heard")
                             self.metrics.notifications.inc()
                             if note.payload in stage_set:
                                 log.debug("[LISTENER] task queued for stage %s", note.payload)

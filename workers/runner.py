@@ -11,6 +11,7 @@ from outbox.artifacts import ArtifactStore, artifact_key, check_size
 from outbox.completion import Completion
 from outbox.queue import ClaimedTask
 from stages.contract import PermanentStageError, StageInput, StageOutput, StageSpec
+from workers import trace
 
 class TaskRunner:
     def __init__(self, store: ArtifactStore, asset_root: Path):
@@ -70,6 +71,7 @@ class TaskRunner:
     def run(self, spec: StageSpec, tasks: Sequence[ClaimedTask]) -> list[Completion | BaseException]:
         """Runs one batch of a stage (in a worker thread). Position by position: what to commit,
         or the exception that task failed with."""
+        trace.step("thread", (t.id for t in tasks))
         outcomes: list[Completion | BaseException | None] = [None] * len(tasks)
         inputs, positions = [], []
         for i, task in enumerate(tasks):

@@ -868,13 +868,14 @@ END $function$;
 
 CREATE OR REPLACE FUNCTION public.outbox_last_variant_stage()
  RETURNS text
- LANGUAGE sql
+ LANGUAGE plpgsql
  STABLE
 AS $function$
-    SELECT g.stage FROM stage_graph g
-    WHERE g.level = 'variant'
-      AND NOT EXISTS (SELECT 1 FROM stage_graph n WHERE n.level = 'variant' AND n.after_step = g.stage)
-$function$;
+BEGIN
+    RETURN (SELECT g.stage FROM stage_graph g
+            WHERE g.level = 'variant'
+              AND NOT EXISTS (SELECT 1 FROM stage_graph n WHERE n.level = 'variant' AND n.after_step = g.stage));
+END $function$;
 
 CREATE OR REPLACE FUNCTION public.outbox_mark_engine_write()
  RETURNS void
