@@ -74,6 +74,7 @@ bench: install
 	$(PY) bench/cpu_stages.py
 	$(PY) bench/creative_quality.py
 	$(PY) bench/guided_decoding.py
+	$(PY) bench/hop_profile.py
 
 clean:
 	rm -rf $(VENV) .adflow
