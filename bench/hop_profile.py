@@ -6,10 +6,9 @@ For each enqueue hop (an outside writer's COMMIT to the first stage's entry) it 
 into: the notification heard by the worker that claimed (from COMMIT sent), the claim, the stage
 thread starting, and the stage's entry; and, apart, when the COMMIT returned to the writer (with
 several workers it often returns after the notification was heard: the woken processes take
-the writer's backend's CPU). For each hop that rides on a
-completion (the variant chain): the completing transaction's start (the next task's
-`created_at`, an upper bound) to the completion's rows back in the worker, the stage thread
-starting, and the stage's entry. Durable PostgreSQL settings, as the harness.
+the writer's backend's CPU). For each hop that rides on a completion (the variant chain): the
+completing transaction's start (the next task's `created_at`, an upper bound) to the completion's
+rows back in the worker, the stage thread starting, and the stage's entry. Durable PostgreSQL settings, as the harness.
 
     .venv/bin/python bench/hop_profile.py [--workers 4] [--jobs 60] [--pg-bin DIR]
 
@@ -24,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -35,31 +33,10 @@ sys.path.insert(0, str(ROOT))
 from bench.engine_throughput import CONCURRENCY, VARIANTS, start_workers, stop_workers, wait_until  # noqa: E402
 from outbox import migrate  # noqa: E402
 from outbox.embedded import EmbeddedPostgres  # noqa: E402
+from workers import trace as worker_trace  # noqa: E402
 
 ENQUEUE_STEPS = ("to heard", "to claimed", "to thread", "to stage", "total", "(COMMIT returned)")
 CHAIN_STEPS = ("to completion back", "to thread", "to stage", "total")
-
-
-@dataclass
-class Trace:
-    at: dict[tuple[str, int], float] = field(default_factory=dict)  # (step, task id): its first stamp
-    claimer: dict[int, int] = field(default_factory=dict)  # task id: pid of the worker whose claim took it
-    heard: dict[int, list[float]] = field(default_factory=dict)  # pid: when it heard a notification
-
-
-def read_trace(folder: Path) -> Trace:
-    out = Trace()
-    for path in folder.glob("trace-*.tsv"):
-        pid = int(path.stem.split("-")[1])
-        for line in path.read_text().splitlines():
-            at, name, ids = line.split("\t")
-            if name == "heard":
-                out.heard.setdefault(pid, []).append(float(at))
-            for i in filter(None, ids.split(",")):
-                out.at.setdefault((name, int(i)), float(at))
-                if name == "claimed":
-                    out.claimer.setdefault(int(i), pid)
-    return out
 
 
 def run(workers: int, jobs: int, work: Path, server: EmbeddedPostgres) -> tuple[list[dict], list[dict]]:
@@ -111,7 +88,7 @@ def run(workers: int, jobs: int, work: Path, server: EmbeddedPostgres) -> tuple[
         FROM stage_tasks t JOIN stage_results r ON r.task_id = t.id WHERE t.job_variants_id IS NOT NULL""").fetchall()
     conn.close()
     admin.close()
-    trace = read_trace(trace_dir)
+    trace = worker_trace.read(trace_dir)
     enqueue, chain = [], []
     for task_id, job, stage, created, started in rows:
         thread = trace.at.get(("thread", task_id))

@@ -152,14 +152,9 @@ def test_the_hop_trace_stamps_each_task_claimed_then_started(conn, db_url, home,
     job_id, finished = asyncio.run(scenario())
     assert finished == "done"
     trace._file.close()
-    stamps: dict[tuple[str, int], float] = {}
-    heard = []
-    for line in (tmp_path / f"trace-{os.getpid()}.tsv").read_text().splitlines():
-        at, step, ids = line.split("\t")
-        if step == "heard":
-            heard.append(float(at))
-        for i in filter(None, ids.split(",")):
-            stamps.setdefault((step, int(i)), float(at))
+    found = trace.read(tmp_path)
+    assert list(found.heard) == [os.getpid()]
+    stamps, heard = found.at, found.heard[os.getpid()]
     ids = [r["id"] for r in conn.execute("SELECT id FROM stage_tasks WHERE job_id = %s", (job_id,)).fetchall()]
     assert len(ids) == 2 * 8 + 2
     for task_id in ids:

@@ -3,7 +3,7 @@
 -- reads a table is not inlined, and PostgreSQL before 18 plans its body again in every
 -- statement (or, from a plpgsql trigger, every transaction) that calls it: 0.14 ms a call on
 -- PostgreSQL 15 against 0.04 ms for this version, whose plan the session keeps
--- (docs/benchmarks.md, "Planned once per session"). Same signature and answer.
+-- (docs/benchmarks.md, "Migration 0007: a helper planned once per session"). Same signature and answer.
 CREATE OR REPLACE FUNCTION outbox_last_variant_stage() RETURNS text LANGUAGE plpgsql STABLE AS $$
 BEGIN
     RETURN (SELECT g.stage FROM stage_graph g
