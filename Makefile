@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 # torch first and pinned: pip takes it from the machine's local wheel store instead of
 # downloading several GB (see README, "Development").
 TORCH := torch==2.14.1 torchvision==0.29.1
+# The planner's person segmentation (stages/people.py): the last mediapipe whose wheel still bundles
+# its models and accepts numpy 2. Without its declared dependencies: they would put
+# opencv-contrib-python over ultralytics' opencv-python, and bring jax; what it runs on
+# (absl-py, flatbuffers, protobuf 4) is in pyproject.toml's ml extra.
+MEDIAPIPE := mediapipe==0.10.14
 APT_PACKAGES := tesseract-ocr tesseract-ocr-kor tesseract-ocr-eng fonts-nanum
 
 .PHONY: install system-deps test-deps run test soak bench clean
@@ -17,6 +22,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[ml,dev,console]"
+	$(PY) -m pip install -q --no-deps $(MEDIAPIPE)
 	touch $(STAMP)
 
 # Tesseract with Korean data and a Korean font. Installed with apt-get when we are root on a

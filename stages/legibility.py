@@ -57,9 +57,16 @@ def css_px(image_px: float, image_size: Sequence[int]) -> float:
     return float(image_px) * display_scale(image_size)
 
 
+# Headroom over the exact floor, in image px. The rasteriser's hinting snaps glyph heights to whole
+# pixels, so a size less than half a pixel above the exact floor can draw glyphs as tall as the size
+# below it: NanumGothic Bold at 48 px draws "H" 35 px tall, as at 47 px, on a 1280x720 photo whose
+# floor is 47.8 px (bench/creative_quality.py measures the drawn ink and read such lines as 13.9 CSS px).
+FLOOR_HEADROOM_PX = 0.5
+
+
 def min_font_px(image_size: Sequence[int]) -> int:
-    """The smallest em size in image px that still shows at MIN_CSS_PX on the phone."""
-    return max(1, int(math.ceil(MIN_CSS_PX / display_scale(image_size) - 1e-9)))
+    """The smallest em size in image px whose glyphs still show at MIN_CSS_PX on the phone."""
+    return max(1, int(math.ceil(MIN_CSS_PX / display_scale(image_size) + FLOOR_HEADROOM_PX - 1e-9)))
 
 
 def is_bold(font_path: str) -> bool:

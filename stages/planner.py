@@ -4,8 +4,8 @@ Placement is a search, not a menu. Candidate text blocks cover the whole image: 
 a grid inside the safe margins x font sizes (from large down to the legibility floor) x line counts
 (wrap widths); the alignment follows the block's side of the image. Hard constraints come first and
 are exact: the block lies inside the safe margins, covers at most MAX_BLOCK_SHARE of the image, and
-touches no detected object's box, no face and no person (faces and the persons under them are found
-here even when no object detector ran). Survivors are scored on saliency, the subject map, busyness,
+touches no detected object's box, no face and no person (faces, the persons under them and, where no
+detector with real weights ran, people segmented by stages/people.py are found here). Survivors are scored on saliency, the subject map, busyness,
 contrast, size and balance with the subject.
 
 When nothing fits, a fallback ladder, each rung recorded in the result's "fallback":
@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from stages import fonts, image_quality, imaging, legibility, saliency, textlayout
+from stages import fonts, image_quality, imaging, legibility, people as people_finder, saliency, textlayout
 from stages.boxes import Detection, area, intersection, read_detections
 from stages.contract import PermanentStageError, StageInput, StageOutput
 
@@ -54,6 +54,9 @@ PALETTE_MIN_CONTRAST = 7.0  # an image colour replaces black/white only when it 
 CONTRAST_CAP = 7.0
 MAX_LINES = 4  # more lines than this on a post is a paragraph, not ad copy: the caption takes it
 MAX_HEADLINE_CHARS = 70  # a headline is read at a glance
+# Fewer words than this say nothing on their own ("Summer" of a summer sale): the extension
+# band with the whole copy is the better next rung.
+MIN_HEADLINE_WORDS = 3
 CENTRE_PRIOR = 0.5  # photographers centre their subject: the middle counts as subject this much
 CENTRE_SIGMA = 0.25  # of each side
 WEIGHTS = {
@@ -64,7 +67,8 @@ SALIENT_LEVEL = 0.2  # spectral-residual saliency above this marks something a v
 SCORING_RULE = (
     "hard constraints first: inside the safe margins (4% of the shorter side), block <= 25% of the "
     "image, no overlap with any detected object, face or person (faces by dlib HOG, a person "
-    "estimated under each face), text >= 14 CSS px on a 375 px phone; then score = 1 - saliency - "
+    "estimated under each face, and without a detector with real weights the box of each region of "
+    "MediaPipe's selfie segmentation), text >= 14 CSS px on a 375 px phone; then score = 1 - saliency - "
     "1.5*subject - busyness + 0.5*min(contrast,7)/7 + 0.8*size + 0.3*balance - 0.5*block_share - "
     "0.05*(lines beyond 2) - 2*salient_share, at most 4 lines, where salient_share = share of the "
     "block where spectral-residual saliency > 0.2, saliency = mean spectral-residual saliency in the "
@@ -198,10 +202,11 @@ def _grown(box, grow: float):
     return (box[0] - grow, box[1] - grow, box[2] + grow, box[3] + grow)
 
 
-def _forbidden(size, detections: Sequence[Detection], faces: Sequence[saliency.Face], scale: float) -> np.ndarray:
+def _forbidden(size, detections: Sequence[Detection], faces: Sequence[saliency.Face], persons, scale: float
+               ) -> np.ndarray:
     """Where no text block may reach: objects, faces (with hair and chin) and persons, plus air."""
     air = CLEARANCE_RATIO * min(size)
-    boxes = [_grown(d.box, air) for d in detections]
+    boxes = [_grown(d.box, air) for d in detections] + [_grown(p, air) for p in persons]
     for face in faces:
         fx1, fy1, fx2, fy2 = face.box
         boxes.append(_grown(face.box, air + FACE_CLEARANCE * max(fx2 - fx1, fy2 - fy1)))
@@ -257,18 +262,21 @@ def _align_for(cx: float, width: int) -> str:
 
 
 class _Search:
-    def __init__(self, img: Image.Image, detections: Sequence[Detection], faces: Sequence[saliency.Face]):
+    def __init__(self, img: Image.Image, detections: Sequence[Detection], faces: Sequence[saliency.Face],
+                 persons: Sequence[tuple[float, float, float, float]] = ()):
         self.img = img
         self.size = img.size
         self.detections = list(detections)
         self.faces = list(faces)
+        self.persons = list(persons)  # segmented people (stages/people.py), boxes in image px
         boxes = [(d.box, saliency.PRODUCT_WEIGHT if d.is_product else saliency.OBJECT_WEIGHT) for d in detections]
+        boxes += [(p, saliency.PERSON_WEIGHT) for p in self.persons]
         thumb = min(1.0, ANALYSIS_MAX_SIDE / max(self.size))
         known = saliency.subject_map(self.size, self.faces, boxes, scale=thumb)
         self.known = known
         self.maps = _Maps(img, np.maximum(known, _centre_prior((known.shape[1], known.shape[0]))))
         self.cscale = min(1.0, CONSTRAINT_MAX_SIDE / max(self.size))
-        self.forbidden = _forbidden(self.size, self.detections, self.faces, self.cscale)
+        self.forbidden = _forbidden(self.size, self.detections, self.faces, self.persons, self.cscale)
         self.face_table = _face_mask(self.size, self.faces, self.cscale)
         self.subject_centre = _subject_centre(self.maps, self.size, known)
         self.sizes = font_sizes(self.size)
@@ -541,8 +549,8 @@ def headlines(text: str) -> list[str]:
     out = [h for h in out if len(h) <= MAX_HEADLINE_CHARS]
     words = (clauses[0] if clauses else first).split()
     n = len(words)
-    while n > 1:
-        n = max(1, int(n * 0.66)) if n > 3 else n - 1
+    while n > MIN_HEADLINE_WORDS:
+        n = max(MIN_HEADLINE_WORDS, int(n * 0.66))
         add(" ".join(words[:n]))
     return out
 
@@ -560,10 +568,13 @@ def trusted_people(yolo: Mapping[str, Any], detections: Sequence[Detection]) -> 
     return [d.box for d in detections if d.label == "person"]
 
 
-def plan(img: Image.Image, copy: str, detections: Sequence[Detection], faces: Sequence[saliency.Face] | None = None) -> dict:
-    """The placement search and its fallback ladder; returns the proposals and how they were found."""
+def plan(img: Image.Image, copy: str, detections: Sequence[Detection], faces: Sequence[saliency.Face] | None = None,
+         persons: Sequence[tuple[float, float, float, float]] | None = None) -> dict:
+    """The placement search and its fallback ladder; returns the proposals and how they were found.
+    `faces` and `persons` (segmented people) are searched for in the whole image when None."""
     faces = saliency.find_faces(img) if faces is None else list(faces)
-    search = _Search(img, detections, faces)
+    persons = people_finder.find_people(img) if persons is None else list(persons)
+    search = _Search(img, detections, faces, persons)
     attempts: list[str] = []
 
     found = search.candidates(copy)
@@ -605,6 +616,7 @@ def plan(img: Image.Image, copy: str, detections: Sequence[Detection], faces: Se
             "max_block_share": MAX_BLOCK_SHARE,
             "image_size": [width, height],
             "faces": [[round(v, 1) for v in f.box] for f in faces],
+            "persons": [[round(v, 1) for v in box] for box in persons],
             "detections": len(detections),
         },
     )
@@ -631,7 +643,8 @@ def run(inp: StageInput) -> StageOutput:
     yolo = inp.results.get("yolo_detect")
     detections = read_detections(yolo, img.size)
     people = trusted_people(yolo, detections)
-    found = plan(img, copy, detections, saliency.find_faces(img, people))
+    # A detector with real weights has drawn the persons already; without one, segment them.
+    found = plan(img, copy, detections, saliency.find_faces(img, people), [] if people is not None else None)
     proposals = found["proposals"]
     for i, proposal in enumerate(proposals):
         proposal["proposal_id"] = f"p{i}"
@@ -657,6 +670,9 @@ def run(inp: StageInput) -> StageOutput:
             ],
             "image_quality": search.maps.quality,
             "face_detector": saliency.face_detector_name(),
+            "persons": [[round(v, 1) for v in box] for box in search.persons],
+            # "trusted detector": the persons are yolo_detect's; else whatever segmented them.
+            "person_finder": "trusted detector" if people is not None else people_finder.finder_name(),
             # Where faces were looked for: the whole image, or the heads of the persons a
             # detector with real weights found (none: a product shot, no face search).
             "face_search": "whole image" if people is None else f"head regions of {len(people)} detected person(s)",

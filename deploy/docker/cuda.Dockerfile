@@ -23,11 +23,13 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv /opt/venv && pip install --upgrade pip "setuptools>=68"
 WORKDIR /app
 # Dependencies first, from pyproject.toml alone, so a source change does not reinstall torch.
+# mediapipe without its declared dependencies, as `make install` does (Makefile: MEDIAPIPE).
 COPY pyproject.toml README.md ./
 RUN mkdir -p outbox workers stages console/web \
     && touch cli.py outbox/__init__.py workers/__init__.py stages/__init__.py console/__init__.py console/web/__init__.py \
     && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
     && pip install ".[ml]" \
+    && pip install --no-deps "mediapipe==0.10.14" \
     && pip uninstall -y adflow
 COPY cli.py alembic.ini ./
 COPY alembic ./alembic
