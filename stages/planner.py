@@ -629,6 +629,13 @@ def choose(proposals: Sequence[dict]) -> dict:
     )[1]
 
 
+def warm(profile: str | None = None, device: str = "cpu") -> None:
+    """Loads the face detector and the person segmenter at worker start: importing mediapipe
+    takes 1-2 s, which the first task would otherwise wait for (every stage thread at once)."""
+    saliency.face_detector_name()
+    people_finder.finder_name()
+
+
 def run(inp: StageInput) -> StageOutput:
     img = imaging.load_image(inp.image)
     # Hashtags and emoji are the caption's (textlayout.image_text); the rest is drawn.

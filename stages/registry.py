@@ -96,7 +96,7 @@ def build_registry(profile: str | None = None, device: str = "cpu") -> dict[str,
             _batch_setting("YOLO_BATCH", 32),
             _warm("yolo_detect", profile, device),
         ),
-        StageSpec("planner", _per_input("planner"), "cpu"),
+        StageSpec("planner", _per_input("planner"), "cpu", warm=_warm("planner", profile, device)),
         StageSpec("overlay", _per_input("overlay"), "cpu"),
         StageSpec(
             "vlm_judge",
