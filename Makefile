@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[ml,dev,console]"
-	$(PY) -m pip install -q --no-deps $(MEDIAPIPE)
+	$(PY) -m pip install -q --no-deps $(MEDIAPIPE) || echo "note: $(MEDIAPIPE) did not install (no wheel for this \
+	  Python?); the planner then sees people only through faces and detections, and says so (person_finder: none)"
 	touch $(STAMP)
 
 # Tesseract with Korean data and a Korean font. Installed with apt-get when we are root on a
