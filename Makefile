@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 # torch first and pinned: pip takes it from the machine's local wheel store instead of
 # downloading several GB (see README, "Development").
 TORCH := torch==2.14.1 torchvision==0.29.1
-# The planner's person segmentation (stages/people.py): the last mediapipe whose wheel still bundles
-# its models and accepts numpy 2. Without its declared dependencies: they would put
-# opencv-contrib-python over ultralytics' opencv-python, and bring jax; what it runs on
-# (absl-py, flatbuffers, protobuf 4) is in pyproject.toml's ml extra.
+# The planner's person segmentation model (stages/people.py) is a file inside this wheel, the last
+# mediapipe that bundles its models and accepts numpy 2; LiteRT (pyproject.toml) runs it and
+# nothing imports mediapipe. Without its declared dependencies: they would put
+# opencv-contrib-python over ultralytics' opencv-python, and bring jax.
 MEDIAPIPE := mediapipe==0.10.14
 APT_PACKAGES := tesseract-ocr tesseract-ocr-kor tesseract-ocr-eng fonts-nanum
 

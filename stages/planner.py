@@ -630,8 +630,8 @@ def choose(proposals: Sequence[dict]) -> dict:
 
 
 def warm(profile: str | None = None, device: str = "cpu") -> None:
-    """Loads the face detector and the person segmenter at worker start: importing mediapipe
-    takes 1-2 s, which the first task would otherwise wait for (every stage thread at once)."""
+    """Loads the face detector and the person segmenter's runtime at worker start, so that the
+    first tasks (every stage thread at once) do not wait for the imports."""
     saliency.face_detector_name()
     people_finder.finder_name()
 
