@@ -8,7 +8,8 @@ thread starting, and the stage's entry; and, apart, when the COMMIT returned to 
 several workers it often returns after the notification was heard: the woken processes take
 the writer's backend's CPU). For each hop that rides on a completion (the variant chain): the
 completing transaction's start (the next task's `created_at`, an upper bound) to the completion's
-rows back in the worker, the stage thread starting, and the stage's entry. Durable PostgreSQL settings, as the harness.
+rows back in the worker, the stage thread starting, and the stage's entry. Durable PostgreSQL
+settings, as the harness.
 
     .venv/bin/python bench/hop_profile.py [--workers 4] [--jobs 60] [--pg-bin DIR]
 

@@ -5,8 +5,8 @@ a grid inside the safe margins x font sizes (from large down to the legibility f
 (wrap widths); the alignment follows the block's side of the image. Hard constraints come first and
 are exact: the block lies inside the safe margins, covers at most MAX_BLOCK_SHARE of the image, and
 touches no detected object's box, no face and no person (faces, the persons under them and, where no
-detector with real weights ran, people segmented by stages/people.py are found here). Survivors are scored on saliency, the subject map, busyness,
-contrast, size and balance with the subject.
+detector with real weights ran, people segmented by stages/people.py are found here). Survivors are
+scored on saliency, the subject map, busyness, contrast, size and balance with the subject.
 
 When nothing fits, a fallback ladder, each rung recorded in the result's "fallback":
   1. smaller type, down to the floor (the smallest text MIN_CSS_PX on a 375 px wide phone);
