@@ -196,6 +196,21 @@ def test_a_job_written_with_its_variants_is_closed_as_written(conn, db_url):
     assert drive(conn, job_id) == ("instagram_feed_gen", "done")
 
 
+def test_a_job_written_with_its_variants_finished_fans_in_at_its_commit(conn, db_url):
+    """Variants processed elsewhere, written finished with their job: the commit closes the set and
+    the fan-in (run by jobs_settle_on_close since 0008, no longer by the insert's settle too)
+    starts the job stages once."""
+    with psycopg.connect(db_url) as c:
+        job_id = c.execute("INSERT INTO jobs (tenant_id, status, current_step) VALUES ('acme', 'running', 'img_gen') "
+                           "RETURNING job_id").fetchone()[0]
+        c.execute("INSERT INTO job_inputs (job_id, ad_copy) VALUES (%s, 'copy')", (job_id,))
+        c.execute("INSERT INTO jobs_variants (job_id, creation_order, status, current_step) "
+                  "SELECT %s, n, 'done', 'iou_eval' FROM generate_series(1, 2) n", (job_id,))
+    tasks = conn.execute("SELECT stage, status FROM stage_tasks WHERE job_id = %s", (job_id,)).fetchall()
+    assert tasks == [{"stage": "ad_copy_gen_kor", "status": "queued"}]
+    assert drive(conn, job_id) == ("instagram_feed_gen", "done")
+
+
 def test_generator_done_before_its_variants_in_one_transaction(conn, db_url):
     with psycopg.connect(db_url) as c:
         job_id = c.execute("INSERT INTO jobs (tenant_id, status, current_step) VALUES ('acme', 'done', 'img_gen') "

@@ -772,6 +772,9 @@ BEGIN
         UPDATE jobs j SET variants_closed_at = now()
         WHERE j.job_id = NEW.job_id AND j.variants_closed_at IS NULL AND j.expected_variants IS NULL
           AND EXISTS (SELECT 1 FROM jobs_variants v WHERE v.job_id = j.job_id);
+        IF FOUND THEN
+            RETURN NULL;  -- jobs_settle_on_close runs the fan-in for this closing write
+        END IF;
     END IF;
     IF EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = NEW.job_id AND j.variants_closed_at IS NOT NULL) THEN
         PERFORM outbox_fan_in(NEW.job_id);
