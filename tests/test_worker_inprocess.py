@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 
+import psycopg
+
 from outbox import config
 from outbox.artifacts import open_store
 from outbox.jobs import submit_job
 from tests.engine_stages import build_registry
+from workers.dispatcher import LOCKED_RECHECK_S
 from workers.runner import TaskRunner
 from workers.state import ClaimMode, Lifecycle, Link
 from workers.worker import Worker, WorkerSettings
@@ -70,6 +73,37 @@ def test_a_worker_in_process_runs_a_job_and_stops_cleanly(conn, db_url, home, ti
     counts = conn.execute("SELECT status, count(*) AS n FROM stage_tasks WHERE job_id = %s GROUP BY status",
                           (job_id,)).fetchall()
     assert counts == [{"status": "done", "n": 2 * 8 + 2}]
+
+
+def test_a_task_another_claim_holds_is_looked_at_again_later_not_at_once(conn, db_url, home, tiny_png):
+    """A due task that the claim passed over (SKIP LOCKED: another worker's claim holds it) is
+    that worker's in a moment: this one looks again after LOCKED_RECHECK_S, not after 50 ms (which
+    sent every loser of a notification back to claim in the middle of the winner's chain), and
+    it does look again: when that other claim fails, the task still runs."""
+    job_id = submit(conn, tiny_png, "Fresh coffee", variants=1)
+    holder = psycopg.connect(db_url)  # a concurrent claim, not committed yet
+    holder.execute("SELECT id FROM stage_tasks WHERE job_id = %s FOR UPDATE", (job_id,))
+    worker = make_worker(db_url)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        run = asyncio.create_task(worker.run())
+        await asyncio.wait_for(worker.state.serving.wait(), 30)
+        async with asyncio.timeout(10):  # the start-up claim, which passes over the held task
+            while worker.dispatcher.deadline is None:
+                await asyncio.sleep(0.01)
+        wait = worker.dispatcher.deadline - loop.time()
+        holder.rollback()  # that claim failed: the task is free again, and nobody notifies
+        finished = await until_finished(worker, job_id)
+        worker.request_stop("test")
+        return wait, finished, await asyncio.wait_for(run, 30)
+
+    try:
+        wait, finished, code = asyncio.run(scenario())
+    finally:
+        holder.close()
+    assert LOCKED_RECHECK_S - 0.5 < wait <= LOCKED_RECHECK_S
+    assert (finished, code) == ("done", 0)
 
 
 def test_a_service_that_dies_stops_the_worker_with_exit_1(conn, db_url, home):

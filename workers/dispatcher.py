@@ -19,6 +19,23 @@ from workers.state import ClaimMode, Service
 log = logging.getLogger("workers")
 
 RESCUE_BATCH = 1000
+# A claim that took fewer tasks than it asked for took every task it could lock, so a task it
+# still sees as due is being claimed by another worker at that moment (SKIP LOCKED passed over
+# it) and is theirs within milliseconds. Acting on that deadline after MIN_DEADLINE_WAIT_S sent
+# every worker that lost a notification's race back to claim and rescue 50 ms later, in the
+# middle of the chain the winner had just started (bench/hop_profile.py: three empty claims and
+# rescues per job). The look stays, later: it finds such a task again if that claim failed.
+LOCKED_RECHECK_S = 1.0
+
+
+def wait_for(seconds: float | None, took_all: bool) -> float | None:
+    """Seconds until the dispatcher should act on the deadline a claim returned; `took_all`: the
+    claim took fewer tasks than its limit."""
+    if seconds is None:
+        return None
+    if took_all and seconds <= 0:
+        return LOCKED_RECHECK_S
+    return max(seconds, MIN_DEADLINE_WAIT_S)
 
 
 class Dispatcher(Service):
@@ -92,11 +109,12 @@ class Dispatcher(Service):
         fed only by its completions must still wake to rescue), and the rescue at least every
         heartbeat interval while busy."""
         loop = asyncio.get_running_loop()
-        self.reserved = 0
+        limit, self.reserved = self.reserved, 0
         tasks, seconds = queue.split_claim(rows)
         trace.step("rode", (t.id for t in tasks))
-        if seconds is not None:
-            self.deadline = loop.time() + max(seconds, MIN_DEADLINE_WAIT_S)
+        wait = wait_for(seconds, len(tasks) < limit)
+        if wait is not None:
+            self.deadline = loop.time() + wait
             if self.waiting_until is None or self.deadline < self.waiting_until:
                 self.state.rethink()
         if loop.time() - self.last_rescue >= self.settings.heartbeat_s:
@@ -129,7 +147,7 @@ class Dispatcher(Service):
                     self.metrics.lease_rescues.inc()
                     if row["outcome"] == "failed":  # its last attempt: that may end the job
                         self.executor.completer.rescue_failed(row["id"])
-            seconds = None
+            seconds, took_all = None, False
             while not state.stopping:
                 if not state.may_claim():
                     self.deadline = None
@@ -151,6 +169,7 @@ class Dispatcher(Service):
                                 "alone", task.id, task.stage, task.subject, extra=task_fields(task))
                     continue
                 if len(tasks) < free:
-                    state.saturated = False
+                    state.saturated, took_all = False, True
                     break
-        self.deadline = None if seconds is None else loop.time() + max(seconds, MIN_DEADLINE_WAIT_S)
+        wait = wait_for(seconds, took_all)
+        self.deadline = None if wait is None else loop.time() + wait
