@@ -28,9 +28,9 @@ RESCUE_BATCH = 1000
 LOCKED_RECHECK_S = 1.0
 
 
-def wait_for(seconds: float | None, took_all: bool) -> float | None:
+def deadline_wait(seconds: float | None, took_all: bool) -> float | None:
     """Seconds until the dispatcher should act on the deadline a claim returned; `took_all`: the
-    claim took fewer tasks than its limit."""
+    claim took fewer tasks than its limit, so every task it could lock."""
     if seconds is None:
         return None
     if took_all and seconds <= 0:
@@ -112,7 +112,7 @@ class Dispatcher(Service):
         limit, self.reserved = self.reserved, 0
         tasks, seconds = queue.split_claim(rows)
         trace.step("rode", (t.id for t in tasks))
-        wait = wait_for(seconds, len(tasks) < limit)
+        wait = deadline_wait(seconds, len(tasks) < limit)
         if wait is not None:
             self.deadline = loop.time() + wait
             if self.waiting_until is None or self.deadline < self.waiting_until:
@@ -171,5 +171,5 @@ class Dispatcher(Service):
                 if len(tasks) < free:
                     state.saturated, took_all = False, True
                     break
-        wait = wait_for(seconds, took_all)
+        wait = deadline_wait(seconds, took_all)
         self.deadline = None if wait is None else loop.time() + wait

@@ -87,7 +87,9 @@ class Executor(Service):
             if lock:
                 await lock.acquire()
             try:
-                running = submitted or loop.run_in_executor(self.threads, self.runner.run, spec, tasks)
+                running = submitted
+                if running is None:
+                    running = loop.run_in_executor(self.threads, self.runner.run, spec, tasks)
                 outcomes = await asyncio.wait_for(running, timeout)
             finally:
                 if lock:
